@@ -196,7 +196,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
 
 
 def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
-    """A copy of ``config`` with some keys changed, e.g. ``replace(c, storage={"part_size": 5})``."""
+    """A copy of ``config`` with some keys changed: ``replace(c, storage={"part_size": 5})``."""
     raw = _to_raw(config)
     for name, values in sections.items():
         _merge(raw.setdefault(name, {}), values)

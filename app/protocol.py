@@ -101,7 +101,7 @@ def validate_name(name: str) -> str:
     if any(s in (".", "..") for s in segments):
         raise InvalidName("the upload name must not contain '.' or '..' segments")
     if any(s == "" for s in segments):
-        raise InvalidName("the upload name must not contain empty segments ('//' or a trailing '/')")
+        raise InvalidName("the upload name must not contain empty segments ('//', trailing '/')")
     if segments[0] == RESERVED_PREFIX:
         raise InvalidName(f"names under '{RESERVED_PREFIX}/' are reserved for the service")
     return name

@@ -1,0 +1,48 @@
+"""``python -m app [--config PATH] [--host HOST] [--port PORT]`` runs the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aiohttp import web
+
+from app.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, replace
+from app.logs import setup_logging
+from app.server import create_app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Resumable upload proxy")
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config file (default: {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port and PORT)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if overrides:
+            config = replace(config, server=overrides)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging)
+    logging.getLogger("app").info(
+        "starting on %s:%d with the %s store", config.server.host, config.server.port,
+        config.storage.backend,
+    )
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        shutdown_timeout=config.server.shutdown_timeout,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Thin HTTP views: parse → authorize → engine → response.
+
+Everything about the wire lives here and in ``protocol``; errors are
+``UploadError``s that the server middleware renders as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from app import keys
+from app.auth import Action, AuthRequest, Grant
+from app.digests import crc32c_b64, md5_b64, parse_goog_hash
+from app.errors import BadRequest
+from app.protocol import (
+    Chunk,
+    Probe,
+    format_range,
+    parse_content_range,
+    parse_length,
+    validate_name,
+)
+from app.stores.base import UploadInfo
+from app.uploads import BodyInterrupted, ClientDigests, Outcome
+
+#: Largest JSON body accepted on POST initiation (object metadata).
+MAX_INITIATION_BODY = 64 * 1024
+
+
+class RequestBody:
+    """Adapts ``request.content`` to the engine's ``Body``.
+
+    ``100 Continue`` is sent lazily, on the first read: only once auth and the
+    offset checks have passed does a client that asked for it send its body.
+    """
+
+    def __init__(self, request: web.Request, read_timeout: float) -> None:
+        self._request = request
+        self._content = request.content
+        self._read_timeout = read_timeout
+        self._continue_pending = (
+            request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+            and request.version >= aiohttp.HttpVersion11
+        )
+
+    async def read(self) -> bytes:
+        try:
+            if self._continue_pending:
+                self._continue_pending = False
+                await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            async with asyncio.timeout(self._read_timeout):
+                return await self._content.readany()
+        except BodyInterrupted:
+            raise
+        except TimeoutError:
+            raise BodyInterrupted(f"no body bytes for {self._read_timeout:g}s") from None
+        except (ConnectionError, HttpProcessingError, aiohttp.ClientError, RuntimeError) as exc:
+            raise BodyInterrupted(str(exc) or type(exc).__name__) from None
+
+    def abort(self) -> None:
+        self._content.set_exception(BodyInterrupted("another request took over this upload"))
+
+
+async def expect_continue(request: web.Request) -> None:
+    """Never answer ``100 Continue`` up front: ``RequestBody`` does it after auth."""
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="only 'Expect: 100-continue' is supported")
+
+
+def _name(request: web.Request) -> str:
+    return validate_name(request.match_info["name"])
+
+
+def _object_key(request: web.Request, name: str) -> str:
+    storage = request.app[keys.CONFIG].storage
+    return f"{storage.s3.prefix}{name}" if storage.backend == "s3" else name
+
+
+async def _authorize(request: web.Request, name: str, action: Action) -> Grant:
+    auth_request = AuthRequest(
+        action=action,
+        name=name,
+        key=_object_key(request, name),
+        content_length=request.content_length,
+        content_range=request.headers.get(hdrs.CONTENT_RANGE),
+        content_type=request.headers.get(hdrs.CONTENT_TYPE),
+        remote_addr=request.remote,
+        headers=request.headers,
+    )
+    grant = await request.app[keys.AUTHORIZER].authorize(auth_request)
+    request[keys.REQUEST_ACTION] = action
+    return grant
+
+
+def _client_digests(request: web.Request) -> ClientDigests | None:
+    header = request.headers.get("x-goog-hash")
+    if header is None:
+        return None
+    try:
+        found = parse_goog_hash(header)
+    except ValueError as exc:
+        raise BadRequest(f"malformed x-goog-hash header: {exc}") from None
+    return ClientDigests(crc32c=found.get("crc32c"), md5=found.get("md5"))
+
+
+def object_json(info: UploadInfo) -> dict[str, Any]:
+    done = info.completed
+    assert done is not None
+    body: dict[str, Any] = {
+        "name": info.name,
+        "bucket": done.bucket,
+        "key": done.key,
+        "size": done.size,
+        "contentType": info.content_type,
+        "etag": done.etag,
+        "crc32c": crc32c_b64(done.crc32c),
+    }
+    if done.md5 is not None:
+        body["md5Hash"] = md5_b64(done.md5)
+    if info.metadata:
+        body["metadata"] = dict(info.metadata)
+    return body
+
+
+def _respond(request: web.Request, outcome: Outcome) -> web.Response:
+    info = outcome.info
+    request[keys.REQUEST_OFFSET] = info.offset
+    if info.is_complete:
+        return web.json_response(object_json(info), status=200)
+    headers = {}
+    rng = format_range(info.offset)
+    if rng is not None:
+        headers["Range"] = rng
+    # No Location on a 308: HTTP clients would follow it as a redirect.
+    return web.Response(status=308, headers=headers)
+
+
+async def put_upload(request: web.Request) -> web.StreamResponse:
+    name = _name(request)
+    header = request.headers.get(hdrs.CONTENT_RANGE)
+    parsed: Probe | Chunk | None = parse_content_range(header) if header is not None else None
+    content_length = parse_length(request.headers.get(hdrs.CONTENT_LENGTH), "Content-Length")
+    engine = request.app[keys.ENGINE]
+    if isinstance(parsed, Probe):
+        if content_length:
+            raise BadRequest("a status probe ('bytes */...') must have an empty body")
+        grant = await _authorize(request, name, "status")
+        return _respond(request, await engine.status(name, parsed.total, grant))
+    body = RequestBody(request, request.app[keys.CONFIG].server.read_timeout)
+    digests = _client_digests(request)
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if parsed is None:
+        grant = await _authorize(request, name, "create")
+        outcome = await engine.put_whole(
+            name, body, content_length=content_length, content_type=content_type,
+            grant=grant, digests=digests,
+        )
+    else:
+        grant = await _authorize(request, name, "create" if parsed.start == 0 else "append")
+        outcome = await engine.put_chunk(
+            name, parsed, body, content_length=content_length, content_type=content_type,
+            grant=grant, digests=digests,
+        )
+    request[keys.REQUEST_STORED] = outcome.stored
+    return _respond(request, outcome)
+
+
+async def post_upload(request: web.Request) -> web.StreamResponse:
+    name = _name(request)
+    total = parse_length(request.headers.get("X-Upload-Content-Length"), "X-Upload-Content-Length")
+    grant = await _authorize(request, name, "create")
+    metadata, body_type = await _initiation_body(request)
+    content_type = request.headers.get("X-Upload-Content-Type") or body_type
+    info = await request.app[keys.ENGINE].initiate(
+        name, total=total, content_type=content_type, metadata=metadata, grant=grant
+    )
+    base = request.app[keys.CONFIG].server.public_url or f"{request.scheme}://{request.host}"
+    location = f"{base.rstrip('/')}{request.rel_url.raw_path}"
+    request[keys.REQUEST_OFFSET] = info.offset
+    return web.json_response(
+        {"name": info.name, "offset": info.offset, "total": info.total},
+        status=200,
+        headers={"Location": location},
+    )
+
+
+async def _initiation_body(request: web.Request) -> tuple[dict[str, str], str | None]:
+    """Optional JSON object resource: ``{"metadata": {...}, "contentType": ...}``."""
+    if not request.can_read_body:
+        return {}, None
+    if (request.content_length or 0) > MAX_INITIATION_BODY:
+        raise BadRequest(f"the initiation body is larger than {MAX_INITIATION_BODY} bytes")
+    raw = await request.content.read(MAX_INITIATION_BODY + 1)
+    if len(raw) > MAX_INITIATION_BODY:
+        raise BadRequest(f"the initiation body is larger than {MAX_INITIATION_BODY} bytes")
+    if not raw.strip():
+        return {}, None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise BadRequest("the initiation body must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the initiation body must be a JSON object")
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise BadRequest("'metadata' must map strings to strings")
+    content_type = doc.get("contentType")
+    if content_type is not None and not isinstance(content_type, str):
+        raise BadRequest("'contentType' must be a string")
+    return metadata, content_type
+
+
+async def delete_upload(request: web.Request) -> web.StreamResponse:
+    name = _name(request)
+    grant = await _authorize(request, name, "cancel")
+    await request.app[keys.ENGINE].cancel(name, grant)
+    return web.Response(status=204)

@@ -1,0 +1,438 @@
+"""The upload engine: offsets, overlap skipping, limits, digests, completion.
+
+It speaks in names, byte ranges and bodies; it knows nothing of HTTP or of S3.
+The HTTP layer parses requests into calls here, and a ``Store`` keeps bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.auth import Grant
+from app.config import StorageConfig
+from app.digests import crc32c_b64
+from app.errors import (
+    BadRequest,
+    DigestMismatch,
+    Forbidden,
+    LengthMismatch,
+    OffsetMismatch,
+    StorageUnavailable,
+    TooLarge,
+    TotalMismatch,
+    UploadNotFound,
+)
+from app.locking import Lease, WriterRegistry
+from app.protocol import MAX_OBJECT_SIZE, Chunk, max_size_for
+from app.stores.base import Store, UploadInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class BodyInterrupted(Exception):
+    """The request body stopped: client gone, stalled past the read timeout, or
+    the writer was asked to stop. What arrived before is kept."""
+
+
+class Body(Protocol):
+    """A request body as the engine sees it."""
+
+    async def read(self) -> bytes:
+        """The next chunk; ``b""`` at the end. Raises ``BodyInterrupted``."""
+        ...
+
+    def abort(self) -> None:
+        """Make a pending or future ``read`` raise ``BodyInterrupted``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClientDigests:
+    """Digests the client declared for the whole object (``x-goog-hash``)."""
+
+    crc32c: bytes | None = None
+    md5: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    info: UploadInfo
+    #: The body stopped before the end of its range (client gone or taken over).
+    interrupted: bool = False
+    #: Bytes of this request's body that were stored (after skipping overlap).
+    stored: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.info.is_complete
+
+
+CompletionHook = Callable[[UploadInfo], Awaitable[None]]
+
+
+@dataclass
+class _Flow:
+    """What happened to one body while it streamed into the store."""
+
+    interrupted: bool = False
+    overflow: bool = False
+    seen: int = 0
+    md5: hashlib._Hash | None = None
+
+
+class UploadEngine:
+    def __init__(
+        self,
+        store: Store,
+        config: StorageConfig,
+        writers: WriterRegistry,
+        *,
+        on_complete: CompletionHook | None = None,
+        clock: Callable[[], float] = time.time,
+        compute_md5: bool = True,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._writers = writers
+        self._on_complete = on_complete
+        self._clock = clock
+        self._compute_md5 = compute_md5
+
+    # -- requests ---------------------------------------------------------
+
+    async def status(self, name: str, total: int | None, grant: Grant) -> Outcome:
+        """A ``bytes */T`` probe; finalizes when ``T`` bytes are all present."""
+        async with self._writers.hold(name):
+            info = await self._current(name, grant)
+            if info.is_complete:
+                self._check_completed_total(info, total)
+                return Outcome(info)
+            if total is not None:
+                if info.total is not None and info.total != total:
+                    raise TotalMismatch(
+                        f"the upload was declared as {info.total} bytes, not {total}",
+                        offset=info.offset,
+                    )
+                if info.offset > total:
+                    raise TotalMismatch(
+                        f"{info.offset} bytes are already stored, more than {total}",
+                        offset=info.offset,
+                    )
+                if info.offset == total:
+                    if info.total is None:
+                        info = await self._store.write(info, _empty(), total=total)
+                    return Outcome(await self._finish(info, None, None))
+            return Outcome(info)
+
+    async def put_chunk(
+        self,
+        name: str,
+        chunk: Chunk,
+        body: Body,
+        *,
+        content_length: int | None,
+        content_type: str | None,
+        grant: Grant,
+        digests: ClientDigests | None = None,
+    ) -> Outcome:
+        """A ``Content-Range: bytes a-b/T`` request."""
+        if content_length is not None and content_length != chunk.length:
+            raise LengthMismatch(
+                f"Content-Length is {content_length} but Content-Range covers {chunk.length} bytes"
+            )
+        self._check_declared_size(chunk.total, grant)
+        async with self._writers.hold(name) as lease:
+            try:
+                info = await self._current(name, grant)
+            except UploadNotFound:
+                if chunk.start != 0:
+                    raise
+                info = await self._create(name, chunk.total, content_type, {}, grant)
+            if info.is_complete:
+                self._check_completed_total(info, chunk.total)
+                return Outcome(info)
+            total = info.total
+            if chunk.total is not None:
+                if total is not None and total != chunk.total:
+                    raise TotalMismatch(
+                        f"the upload was declared as {total} bytes, not {chunk.total}",
+                        offset=info.offset,
+                    )
+                if chunk.total < info.offset:
+                    raise TotalMismatch(
+                        f"{info.offset} bytes are already stored, more than {chunk.total}",
+                        offset=info.offset,
+                    )
+                total = chunk.total
+            if total is not None and chunk.end >= total:
+                raise BadRequest(f"Content-Range reaches past the declared total of {total} bytes")
+            if chunk.start > info.offset:
+                raise OffsetMismatch(
+                    f"this chunk starts at byte {chunk.start} but only {info.offset} bytes are "
+                    f"stored; resend from byte {info.offset}",
+                    offset=info.offset,
+                )
+            skip = min(info.offset - chunk.start, chunk.length)
+            length = chunk.length - skip
+            limit = self._limit(info, total, grant)
+            if length > 0 and info.offset + length > limit:
+                raise TooLarge(f"the upload would exceed the maximum size of {limit} bytes")
+            new_total = total if info.total is None else None
+            return await self._stream(
+                info, body, lease, skip=skip, length=length, total=new_total, limit=limit,
+                digests=digests,
+            )
+
+    async def put_whole(
+        self,
+        name: str,
+        body: Body,
+        *,
+        content_length: int | None,
+        content_type: str | None,
+        grant: Grant,
+        digests: ClientDigests | None = None,
+    ) -> Outcome:
+        """A plain ``PUT`` without ``Content-Range``: a new upload of the whole object."""
+        self._check_declared_size(content_length, grant)
+        async with self._writers.hold(name) as lease:
+            await self._check_replaceable(name, grant)
+            info = await self._create(name, content_length, content_type, {}, grant)
+            limit = self._limit(info, content_length, grant)
+            return await self._stream(
+                info, body, lease, skip=0, length=content_length, total=None, limit=limit,
+                digests=digests, settle_total_at_eof=content_length is None,
+            )
+
+    async def initiate(
+        self,
+        name: str,
+        *,
+        total: int | None,
+        content_type: str | None,
+        metadata: Mapping[str, str],
+        grant: Grant,
+    ) -> UploadInfo:
+        """``POST``: start (or restart) a session without data."""
+        self._check_declared_size(total, grant)
+        async with self._writers.hold(name):
+            await self._check_replaceable(name, grant)
+            return await self._create(name, total, content_type, metadata, grant)
+
+    async def cancel(self, name: str, grant: Grant) -> None:
+        async with self._writers.hold(name):
+            await self._current(name, grant)
+            await self._store.cancel(name)
+            log.info("upload %r cancelled", name)
+
+    # -- internals --------------------------------------------------------
+
+    async def _current(self, name: str, grant: Grant) -> UploadInfo:
+        """The live upload, or ``UploadNotFound`` (expired counts as gone)."""
+        info = await self._store.get(name)
+        if not info.is_complete and info.updated_at + self._config.upload_ttl < self._clock():
+            raise UploadNotFound(f"the upload {name!r} expired after being idle too long")
+        if info.owner is not None and grant.owner is not None and info.owner != grant.owner:
+            raise Forbidden("this upload belongs to another owner")
+        return info
+
+    async def _check_replaceable(self, name: str, grant: Grant) -> None:
+        """A new upload may replace an old one only if the owners agree."""
+        try:
+            await self._current(name, grant)
+        except UploadNotFound:
+            pass
+
+    async def _create(
+        self,
+        name: str,
+        total: int | None,
+        content_type: str | None,
+        metadata: Mapping[str, str],
+        grant: Grant,
+    ) -> UploadInfo:
+        info = await self._store.create(
+            name,
+            total=total,
+            content_type=content_type or DEFAULT_CONTENT_TYPE,
+            metadata={**metadata, **grant.metadata},
+            owner=grant.owner,
+        )
+        log.info("upload %r started (total %s, part size %d)", name,
+                 "unknown" if total is None else total, info.part_size)
+        return info
+
+    def _check_declared_size(self, total: int | None, grant: Grant) -> None:
+        if total is None:
+            return
+        for limit, what in (
+            (grant.max_size, "the size this upload is allowed"),
+            (self._config.max_upload_size, "the maximum upload size"),
+            (MAX_OBJECT_SIZE, "the largest object storage can hold"),
+        ):
+            if limit is not None and total > limit:
+                raise TooLarge(f"{total} bytes is more than {what} ({limit} bytes)")
+
+    def _limit(self, info: UploadInfo, total: int | None, grant: Grant) -> int:
+        """Most bytes this upload may ever hold."""
+        limits = [max_size_for(info.part_size, total is not None)]
+        if total is not None:
+            limits.append(total)
+        if grant.max_size is not None:
+            limits.append(grant.max_size)
+        if self._config.max_upload_size is not None:
+            limits.append(self._config.max_upload_size)
+        return min(limits)
+
+    @staticmethod
+    def _check_completed_total(info: UploadInfo, total: int | None) -> None:
+        assert info.completed is not None
+        if total is not None and total != info.completed.size:
+            raise TotalMismatch(
+                f"the upload was completed with {info.completed.size} bytes, not {total}"
+            )
+
+    async def _stream(
+        self,
+        info: UploadInfo,
+        body: Body,
+        lease: Lease,
+        *,
+        skip: int,
+        length: int | None,
+        total: int | None,
+        limit: int,
+        digests: ClientDigests | None,
+        settle_total_at_eof: bool = False,
+    ) -> Outcome:
+        """Feed ``body`` (minus ``skip`` overlap bytes, at most ``length`` more) to the store."""
+        lease.on_stop(body.abort)
+        flow = _Flow(md5=hashlib.md5() if self._compute_md5 and info.offset == 0 else None)
+        start = info.offset
+        async with asyncio.timeout(None) as deadline:
+            chunks = self._chunks(
+                body, flow, deadline, skip=skip, length=length, room=limit - info.offset
+            )
+            try:
+                info = await self._store.write(info, chunks, total=total)
+            except TimeoutError:
+                raise StorageUnavailable(
+                    "storage did not save the received data in time; probe for the offset"
+                ) from None
+        stored = info.offset - start
+        if flow.overflow:
+            if length is None:
+                raise TooLarge(
+                    f"the upload exceeds the maximum size of {limit} bytes; "
+                    f"{info.offset} bytes were kept"
+                )
+            raise LengthMismatch(
+                f"the body is longer than the range it declares; the {stored} bytes "
+                "in range were kept"
+            )
+        if flow.interrupted:
+            log.info("upload %r: body interrupted after %d new bytes; offset now %d",
+                     info.name, stored, info.offset)
+            return Outcome(info, interrupted=True, stored=stored)
+        if settle_total_at_eof and info.total is None:
+            info = await self._store.write(info, _empty(), total=info.offset)
+        if length is not None and flow.seen < skip + length:
+            # The body ended (cleanly) before its declared range: keep what came.
+            return Outcome(info, stored=stored)
+        if info.total is not None and info.offset == info.total:
+            md5 = flow.md5.digest() if flow.md5 is not None and start == 0 else None
+            info = await self._finish(info, md5, digests)
+        return Outcome(info, stored=stored)
+
+    async def _chunks(
+        self,
+        body: Body,
+        flow: _Flow,
+        deadline: asyncio.Timeout,
+        *,
+        skip: int,
+        length: int | None,
+        room: int,
+    ) -> AsyncIterator[bytes]:
+        """The body's bytes as the store should see them: overlap dropped, capped
+        at the range, ending quietly when the client goes away (the store then
+        gets ``persist_timeout`` to save what arrived)."""
+        remaining = length if length is not None else room
+        while True:
+            try:
+                data = await body.read()
+            except BodyInterrupted:
+                flow.interrupted = True
+                deadline.reschedule(
+                    asyncio.get_running_loop().time() + self._config.persist_timeout
+                )
+                return
+            if not data:
+                return
+            flow.seen += len(data)
+            if skip:
+                if len(data) <= skip:
+                    skip -= len(data)
+                    continue
+                data, skip = data[skip:], 0
+            if remaining <= 0 or len(data) > remaining:
+                flow.overflow = True
+                data = data[:remaining]
+                if data:
+                    if flow.md5 is not None:
+                        flow.md5.update(data)
+                    yield data
+                return
+            remaining -= len(data)
+            if flow.md5 is not None:
+                flow.md5.update(data)
+            yield data
+            if remaining == 0 and length is not None:
+                # Read on to see whether the client sends more than it declared.
+                try:
+                    extra = await body.read()
+                except BodyInterrupted:
+                    return
+                if extra:
+                    flow.overflow = True
+                return
+
+    async def _finish(
+        self, info: UploadInfo, md5: bytes | None, digests: ClientDigests | None
+    ) -> UploadInfo:
+        if digests is not None:
+            if digests.crc32c is not None and digests.crc32c != info.crc32c.to_bytes(4, "big"):
+                await self._discard(info, "crc32c")
+                raise DigestMismatch(
+                    f"the object's crc32c is {crc32c_b64(info.crc32c)}, not what the client sent; "
+                    "the upload was discarded, start it again"
+                )
+            if digests.md5 is not None and md5 is not None and digests.md5 != md5:
+                await self._discard(info, "md5")
+                raise DigestMismatch(
+                    "the object's md5 differs from what the client sent; "
+                    "the upload was discarded, start it again"
+                )
+        done = await self._store.finish(info, md5=md5)
+        log.info("upload %r complete: %d bytes", done.name, done.offset)
+        if self._on_complete is not None:
+            await self._on_complete(done)
+        return done
+
+    async def _discard(self, info: UploadInfo, algorithm: str) -> None:
+        log.warning("upload %r: %s mismatch with the client's digest; discarding it",
+                    info.name, algorithm)
+        await self._store.cancel(info.name)
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
