@@ -27,6 +27,7 @@ or express the limit as ``max_size``, which the engine enforces on every request
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -205,13 +206,15 @@ class WebhookAuthorizer:
         if self._clock() >= expires_at:
             del self._cache[key]
             return None
-        return grant
+        # A copy, so a caller that adds to the metadata cannot change later grants.
+        return dataclasses.replace(grant, metadata=dict(grant.metadata))
 
     def _remember(self, key: str, grant: Grant) -> None:
         # Every entry lives equally long, so insertion order is also expiry
         # order: evicting the oldest drops the one closest to expiring.
         self._cache.pop(key, None)
-        self._cache[key] = (self._clock() + self._config.cache_ttl, grant)
+        kept = dataclasses.replace(grant, metadata=dict(grant.metadata))
+        self._cache[key] = (self._clock() + self._config.cache_ttl, kept)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 

@@ -111,10 +111,14 @@ class CompletionNotifier:
             if self._outbox is None:
                 logger.warning("callback %s not sent: shutting down", callback_id)
             return
+        # Marked before the task first runs, so a redelivery starting meanwhile
+        # skips it; unmarked by a done callback, which runs even if the task is
+        # cancelled before it ever started.
         self._in_flight.add(callback_id)
         task = asyncio.create_task(self._deliver_tracked(callback_id, body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._in_flight.discard(callback_id))
 
     async def deliver(self, callback_id: str, body: bytes) -> bool:
         """POST until a 2xx or ``max_attempts``; True once delivered and removed

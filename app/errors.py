@@ -111,6 +111,10 @@ class OffsetMismatch(UploadError):
         super().__init__(message, expected_offset=offset)
         self.offset = offset
 
+    def headers(self) -> dict[str, str]:
+        # Same shape as a 308's Range, so clients can resume from the answer.
+        return {"Range": f"bytes=0-{self.offset - 1}"} if self.offset > 0 else {}
+
 
 class TooLarge(UploadError):
     status = 413

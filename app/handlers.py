@@ -48,23 +48,42 @@ class RequestBody:
             request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
             and request.version >= aiohttp.HttpVersion11
         )
+        self._aborted = False
+        self._pending: asyncio.Timeout | None = None
 
     async def read(self) -> bytes:
+        if self._aborted:
+            return self._take_buffered()
         try:
             if self._continue_pending:
                 self._continue_pending = False
                 await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            async with asyncio.timeout(self._read_timeout):
+            async with asyncio.timeout(self._read_timeout) as self._pending:
                 return await self._content.readany()
-        except BodyInterrupted:
-            raise
         except TimeoutError:
+            if self._aborted:
+                return self._take_buffered()
             raise BodyInterrupted(f"no body bytes for {self._read_timeout:g}s") from None
         except (ConnectionError, HttpProcessingError, aiohttp.ClientError, RuntimeError) as exc:
             raise BodyInterrupted(str(exc) or type(exc).__name__) from None
+        finally:
+            self._pending = None
 
     def abort(self) -> None:
-        self._content.set_exception(BodyInterrupted("another request took over this upload"))
+        # Wake a pending read through its timeout rather than by poisoning the
+        # stream, so bytes aiohttp already buffered are still handed over.
+        self._aborted = True
+        if self._pending is not None:
+            self._pending.reschedule(asyncio.get_running_loop().time())
+
+    def _take_buffered(self) -> bytes:
+        try:
+            data = self._content.read_nowait()
+        except Exception:
+            data = b""
+        if not data:
+            raise BodyInterrupted("another request took over this upload")
+        return data
 
 
 async def expect_continue(request: web.Request) -> None:

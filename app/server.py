@@ -109,7 +109,7 @@ def create_app(
                 app[keys.NOTIFIER] = notifier
 
                 async def on_complete(info: UploadInfo) -> None:
-                    await notifier.notify(completion_payload(info))
+                    await notifier.notify(completion_payload(info), callback_id=info.session_id)
 
                 app[keys.ENGINE] = UploadEngine(
                     active_store, config.storage, writers, on_complete=on_complete
