@@ -110,6 +110,8 @@ def validate_name(name: str) -> str:
 def choose_part_size(total: int | None, default: int) -> int:
     """Part size P for a new upload: ``default`` unless the total needs more than
     10,000 parts, then the smallest whole MiB that fits."""
+    if total is not None and total > MAX_OBJECT_SIZE:
+        raise TooLarge(f"{total} bytes is more than the largest object S3 holds (5 TiB)")
     if total is None or total <= default * MAX_PARTS:
         return default
     needed = -(-total // MAX_PARTS)
