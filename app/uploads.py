@@ -148,7 +148,9 @@ class UploadEngine:
             raise LengthMismatch(
                 f"Content-Length is {content_length} but Content-Range covers {chunk.length} bytes"
             )
-        self._check_declared_size(chunk.total, grant)
+        # The range's end bounds the object's size from below, so an open-ended
+        # range can be refused before anything is created.
+        self._check_declared_size(chunk.total if chunk.total is not None else chunk.end + 1, grant)
         async with self._writers.hold(name) as lease:
             try:
                 info = await self._current(name, grant)
