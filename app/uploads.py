@@ -97,14 +97,12 @@ class UploadEngine:
         *,
         on_complete: CompletionHook | None = None,
         clock: Callable[[], float] = time.time,
-        compute_md5: bool = True,
     ) -> None:
         self._store = store
         self._config = config
         self._writers = writers
         self._on_complete = on_complete
         self._clock = clock
-        self._compute_md5 = compute_md5
 
     # -- requests ---------------------------------------------------------
 
@@ -317,7 +315,9 @@ class UploadEngine:
     ) -> Outcome:
         """Feed ``body`` (minus ``skip`` overlap bytes, at most ``length`` more) to the store."""
         lease.on_stop(body.abort)
-        flow = _Flow(md5=hashlib.md5() if self._compute_md5 and info.offset == 0 else None)
+        # MD5 state cannot be saved, so it is only worth computing from byte 0.
+        wants_md5 = self._config.md5 or (digests is not None and digests.md5 is not None)
+        flow = _Flow(md5=hashlib.md5() if wants_md5 and info.offset == 0 else None)
         start = info.offset
         async with asyncio.timeout(None) as deadline:
             chunks = self._chunks(

@@ -86,7 +86,7 @@ async def put_range(http: aiohttp.ClientSession, url: str, data: bytes, start: i
 
 
 async def test_plain_put_20mib(proxies, http, store_harness) -> None:
-    proxy = await proxies.start()
+    proxy = await proxies.start(storage={"md5": True})
     data = os.urandom(20 * MIB)
     async with http.put(f"{proxy.url}/upload/videos/a.mp4", data=data,
                         headers={"Content-Type": "video/mp4"}) as resp:
@@ -347,9 +347,16 @@ async def test_digest_mismatch_refuses_completion(proxies, http, store_harness) 
                            **{"x-goog-hash": f"crc32c={wrong}"})
     assert resp.status == 400
     assert (await probe(http, f"{proxy.url}/upload/digest.bin")).status == 404
+    # Right crc32c, wrong md5: the md5 is computed because the client sent one.
     resp = await put_range(http, f"{proxy.url}/upload/digest.bin", data, 0, len(data),
-                           **{"x-goog-hash": f"crc32c={crc_b64(data)},md5={md5_b64(data)}"})
-    assert resp.status == 200
+                           **{"x-goog-hash": f"crc32c={crc_b64(data)},md5={md5_b64(b'x')}"})
+    assert resp.status == 400
+    assert (await probe(http, f"{proxy.url}/upload/digest.bin")).status == 404
+    async with http.put(f"{proxy.url}/upload/digest.bin", data=data, headers={
+            "x-goog-hash": f"crc32c={crc_b64(data)},md5={md5_b64(data)}"}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["md5Hash"] == md5_b64(data)
+    assert await stored_object(store_harness, "digest.bin") == data
 
 
 async def test_post_initiation_gives_absolute_location(proxies, http) -> None:
