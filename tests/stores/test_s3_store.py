@@ -353,6 +353,41 @@ async def test_s3_down_at_write_start_is_storage_unavailable(open_s3, relay):
         await store.check_health()
 
 
+async def test_a_failing_body_keeps_full_parts_and_stages_the_rest(open_s3, s3_client, bucket):
+    store = await open_s3()
+    data = payload(2 * P, seed=9)
+    info = await create(store, "broken.bin", len(data))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[: P + 2 * MIB]
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await store.write(info, body())
+    info = await (await open_s3()).get("broken.bin")
+    assert info.offset == P + 2 * MIB
+    assert info.crc32c == google_crc32c.value(data[: P + 2 * MIB])
+    assert list_parts(s3_client, bucket, "broken.bin") == [(1, P)]
+    assert staged_starts(s3_client, bucket, staged_prefix(info.session_id)) == [P]
+
+
+async def test_a_write_cancelled_anywhere_leaks_nothing(open_s3):
+    store = await open_s3(parts_in_flight=1)
+    data = payload(4 * P, seed=4)
+    info = await create(store, "cancel.bin", len(data))
+    write = asyncio.create_task(store.write(info, stream(data, chunk=MIB)))
+    await asyncio.sleep(0.15)  # some parts in flight, the loop waiting for a slot
+    write.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    assert store.buffered_bytes == 0
+    info = await store.get("cancel.bin")
+    assert info.offset % P == 0  # only whole, recorded parts count
+    assert info.crc32c == google_crc32c.value(data[: info.offset])
+    info = await store.write(info, stream(data[info.offset :]))
+    await store.finish(info)
+
+
 # -- resources -----------------------------------------------------------------------
 
 
