@@ -382,3 +382,41 @@ async def test_unknown_route_is_json_404(proxies, http) -> None:
     async with http.get(f"{proxy.url}/nope") as resp:
         assert resp.status == 404
         assert (await resp.json())["error"] == "not_found"
+
+
+@pytest.mark.parametrize("store_kind", ["s3"])
+async def test_s3_down_mid_upload_is_503_then_resumes(proxies, http, store_harness, relay) -> None:
+    proxy = await proxies.start(storage={"s3": {"endpoint_url": relay.url, "max_attempts": 1,
+                                                "connect_timeout": 1, "read_timeout": 5}})
+    url = f"{proxy.url}/upload/outage.bin"
+    data = os.urandom(20 * MIB)
+    resp = await put_range(http, url, data[: 7 * MIB], 0, len(data))
+    assert resp.status == 308
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for start in range(7 * MIB, len(data), 256 * 1024):
+            if sent >= 7 * MIB:
+                relay.stop()  # S3 vanishes with the upload in full flow
+            yield data[start:start + 256 * 1024]
+            sent += 256 * 1024
+            await asyncio.sleep(0.005)
+
+    async with http.put(url, data=body(), allow_redirects=False,
+                        headers={"Content-Range": f"bytes {7 * MIB}-{len(data) - 1}/{len(data)}"}
+                        ) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"]
+        assert (await resp.json())["error"] == "storage_unavailable"
+    resp = await probe(http, url)
+    assert resp.status == 503
+    relay.start()
+    resp = await probe(http, url)
+    assert resp.status == 308
+    offset = int(resp.headers["Range"].rsplit("-", 1)[1]) + 1
+    assert 7 * MIB <= offset <= 14 * MIB
+    resp = await put_range(http, url, data[offset:], offset, len(data))
+    assert resp.status == 200
+    assert (await resp.json())["crc32c"] == crc_b64(data)
+    assert await stored_object(store_harness, "outage.bin") == data
