@@ -34,9 +34,11 @@ implementing it, never by raising ``NotImplementedError``.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,24 @@ class CompletedObject:
     completed_at: float
     #: Raw MD5 of the object, only when the caller could compute it correctly.
     md5: bytes | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe form for the stores' session records."""
+        doc: dict[str, Any] = dataclasses.asdict(self)
+        doc["md5"] = None if self.md5 is None else base64.b64encode(self.md5).decode("ascii")
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> CompletedObject:
+        return cls(
+            key=str(doc["key"]),
+            bucket=str(doc["bucket"]),
+            size=int(doc["size"]),
+            etag=str(doc["etag"]),
+            crc32c=int(doc["crc32c"]),
+            completed_at=float(doc["completed_at"]),
+            md5=None if doc.get("md5") is None else base64.b64decode(doc["md5"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -151,17 +151,7 @@ def _encode_sidecar(info: UploadInfo) -> bytes:
         "owner": info.owner,
         "created_at": info.created_at,
         "updated_at": info.updated_at,
-        "completed": None
-        if done is None
-        else {
-            "key": done.key,
-            "bucket": done.bucket,
-            "size": done.size,
-            "etag": done.etag,
-            "crc32c": done.crc32c,
-            "completed_at": done.completed_at,
-            "md5": None if done.md5 is None else base64.b64encode(done.md5).decode("ascii"),
-        },
+        "completed": None if done is None else done.to_json(),
     }
     # ASCII escapes keep any odd metadata text encodable.
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
@@ -172,17 +162,7 @@ def _decode_sidecar(raw: bytes, path: str) -> UploadInfo:
         doc = json.loads(raw)
         done = doc["completed"]
         completed = (
-            None
-            if done is None
-            else CompletedObject(
-                key=str(done["key"]),
-                bucket=str(done["bucket"]),
-                size=int(done["size"]),
-                etag=str(done["etag"]),
-                crc32c=int(done["crc32c"]),
-                completed_at=float(done["completed_at"]),
-                md5=None if done.get("md5") is None else base64.b64decode(done["md5"]),
-            )
+            None if done is None else CompletedObject.from_json(done)
         )
         total = doc["total"]
         return _stamp(

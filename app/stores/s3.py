@@ -52,7 +52,7 @@ from botocore.exceptions import (
 )
 
 from app.config import StorageConfig
-from app.digests import crc32c_extend
+from app.digests import crc32c_b64, crc32c_extend
 from app.errors import (
     BadRequest,
     OffsetMismatch,
@@ -156,17 +156,7 @@ class _Record:
             "checksum_algorithm": self.checksum_algorithm,
             "staged": [[s.start, s.length, s.crc32c, s.token] for s in self.staged],
             "tail_crc32c": self.tail_crc32c,
-            "completed": None
-            if done is None
-            else {
-                "key": done.key,
-                "bucket": done.bucket,
-                "size": done.size,
-                "etag": done.etag,
-                "crc32c": done.crc32c,
-                "completed_at": done.completed_at,
-                "md5": None if done.md5 is None else base64.b64encode(done.md5).decode("ascii"),
-            },
+            "completed": None if done is None else done.to_json(),
         }
         # ASCII escapes keep any metadata text encodable.
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
@@ -193,17 +183,7 @@ class _Record:
                 _Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
             ),
             tail_crc32c=int(doc.get("tail_crc32c", 0)),
-            completed=None
-            if done is None
-            else CompletedObject(
-                key=str(done["key"]),
-                bucket=str(done["bucket"]),
-                size=int(done["size"]),
-                etag=str(done["etag"]),
-                crc32c=int(done["crc32c"]),
-                completed_at=float(done["completed_at"]),
-                md5=None if done.get("md5") is None else base64.b64decode(done["md5"]),
-            ),
+            completed=None if done is None else CompletedObject.from_json(done),
         )
 
     def to_info(self, version: str) -> UploadInfo:
@@ -849,7 +829,7 @@ class S3Store:
             "Body": data,
         }
         if self._checksums:
-            params["ChecksumCRC32C"] = _crc_b64(segment.crc32c)
+            params["ChecksumCRC32C"] = crc32c_b64(segment.crc32c)
         await self._call("PutObject", **params)
         self._cache.put(record.session_id, segment.leaf, data)
         return segment
@@ -895,7 +875,7 @@ class S3Store:
         }
         if record.checksum_algorithm:
             # S3 rejects the part if the bytes it got do not match this CRC.
-            params["ChecksumCRC32C"] = _crc_b64(part_crc)
+            params["ChecksumCRC32C"] = crc32c_b64(part_crc)
         return await self._call("UploadPart", _NO_UPLOAD_CODES, **params)
 
     # -- the finish path ----------------------------------------------------
@@ -1210,10 +1190,6 @@ def _transport_reason(exc: BaseException) -> str:
                   | aiohttp.ClientPayloadError | ConnectionError):
         return "the connection to S3 was cut"
     return type(exc).__name__
-
-
-def _crc_b64(crc: int) -> str:
-    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
 
 def _object_metadata(metadata: Mapping[str, str], session_id: str) -> dict[str, str]:
