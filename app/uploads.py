@@ -114,16 +114,7 @@ class UploadEngine:
                 self._check_completed_total(info, total)
                 return Outcome(info)
             if total is not None:
-                if info.total is not None and info.total != total:
-                    raise TotalMismatch(
-                        f"the upload was declared as {info.total} bytes, not {total}",
-                        offset=info.offset,
-                    )
-                if info.offset > total:
-                    raise TotalMismatch(
-                        f"{info.offset} bytes are already stored, more than {total}",
-                        offset=info.offset,
-                    )
+                self._check_total(info, total)
                 if info.offset == total:
                     if info.total is None:
                         info = await self._store.write(info, _empty(), total=total)
@@ -161,16 +152,7 @@ class UploadEngine:
                 return Outcome(info)
             total = info.total
             if chunk.total is not None:
-                if total is not None and total != chunk.total:
-                    raise TotalMismatch(
-                        f"the upload was declared as {total} bytes, not {chunk.total}",
-                        offset=info.offset,
-                    )
-                if chunk.total < info.offset:
-                    raise TotalMismatch(
-                        f"{info.offset} bytes are already stored, more than {chunk.total}",
-                        offset=info.offset,
-                    )
+                self._check_total(info, chunk.total)
                 total = chunk.total
             if total is not None and chunk.end >= total:
                 raise BadRequest(f"Content-Range reaches past the declared total of {total} bytes")
@@ -291,6 +273,18 @@ class UploadEngine:
         if self._config.max_upload_size is not None:
             limits.append(self._config.max_upload_size)
         return min(limits)
+
+    @staticmethod
+    def _check_total(info: UploadInfo, total: int) -> None:
+        """A total stated by a request must agree with the upload's."""
+        if info.total is not None and info.total != total:
+            raise TotalMismatch(
+                f"the upload was declared as {info.total} bytes, not {total}", offset=info.offset
+            )
+        if info.offset > total:
+            raise TotalMismatch(
+                f"{info.offset} bytes are already stored, more than {total}", offset=info.offset
+            )
 
     @staticmethod
     def _check_completed_total(info: UploadInfo, total: int | None) -> None:
