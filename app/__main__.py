@@ -1,4 +1,5 @@
-"""``python -m app [--config PATH] [--host HOST] [--port PORT]`` runs the server."""
+"""``python -m app [--config PATH] [--host HOST] [--port PORT]`` runs the server;
+``python -m app cleanup --older-than 24h [...]`` runs the cleanup job (``app.cleanup``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from app.server import create_app
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cleanup"]:
+        # A word rather than an argparse subcommand, so the server's own
+        # command line stays exactly what Procfiles and scripts already run.
+        from app.cleanup import main as cleanup_main
+
+        return cleanup_main(argv[1:], prog="python -m app cleanup")
     parser = argparse.ArgumentParser(prog="python -m app", description="Resumable upload proxy")
     parser.add_argument("--config", default=None,
                         help=f"YAML config file (default: {DEFAULT_CONFIG_PATH})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,12 @@ class RequestBody:
         self._pending: asyncio.Timeout | None = None
 
     async def read(self) -> bytes:
+        data = await self._read()
+        request = self._request
+        request[keys.REQUEST_RECEIVED] = request.get(keys.REQUEST_RECEIVED, 0) + len(data)
+        return data
+
+    async def _read(self) -> bytes:
         if self._aborted:
             return self._take_buffered()
         try:
@@ -150,6 +157,9 @@ def object_json(info: UploadInfo) -> dict[str, Any]:
 def _respond(request: web.Request, outcome: Outcome) -> web.Response:
     info = outcome.info
     request[keys.REQUEST_OFFSET] = info.offset
+    # The engine counts what this request stored from the offset it started at,
+    # and nothing after storing (settling the total, finishing) moves the offset.
+    request[keys.REQUEST_OFFSET_BEFORE] = info.offset - outcome.stored
     if info.is_complete:
         return web.json_response(object_json(info), status=200)
     headers = {}
@@ -180,12 +190,18 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
             name, body, content_length=content_length, content_type=content_type,
             grant=grant, digests=digests,
         )
+        request[keys.REQUEST_STARTED] = True
     else:
         grant = await _authorize(request, name, "create" if parsed.start == 0 else "append")
+        began = time.time()
         outcome = await engine.put_chunk(
             name, parsed, body, content_length=content_length, content_type=content_type,
             grant=grant, digests=digests,
         )
+        # A first chunk creates the upload only if none was there; the engine
+        # does not say which, but a session created during this request can only
+        # be this request's own (writers of one name are serialised).
+        request[keys.REQUEST_STARTED] = parsed.start == 0 and outcome.info.created_at >= began
     request[keys.REQUEST_STORED] = outcome.stored
     return _respond(request, outcome)
 
@@ -202,6 +218,7 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
     base = request.app[keys.CONFIG].server.public_url or f"{request.scheme}://{request.host}"
     location = f"{base.rstrip('/')}{request.rel_url.raw_path}"
     request[keys.REQUEST_OFFSET] = info.offset
+    request[keys.REQUEST_STARTED] = True
     return web.json_response(
         {"name": info.name, "offset": info.offset, "total": info.total},
         status=200,

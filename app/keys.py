@@ -9,6 +9,7 @@ from app.auth import Authorizer
 from app.callbacks import CompletionNotifier
 from app.config import Config
 from app.locking import WriterRegistry
+from app.metrics import Metrics
 from app.stores.base import Store
 from app.uploads import UploadEngine
 
@@ -19,8 +20,18 @@ AUTHORIZER = web.AppKey("authorizer", Authorizer)
 NOTIFIER = web.AppKey("notifier", CompletionNotifier)
 WRITERS = web.AppKey("writers", WriterRegistry)
 HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", Metrics)
 
-# Filled in by handlers for the access log.
+# Filled in by handlers for the access log and the metrics middleware.
+#: The upload action ("create", "append", "status", "cancel") or ops endpoint.
 REQUEST_ACTION = "upload_action"
+#: Upload offset once the request is done with it.
 REQUEST_OFFSET = "upload_offset"
+#: Upload offset when this request started writing (None if it never got there).
+REQUEST_OFFSET_BEFORE = "upload_offset_before"
+#: Bytes of this request's body newly stored (overlap skipped).
 REQUEST_STORED = "upload_stored"
+#: Body bytes read from the client, overlap included.
+REQUEST_RECEIVED = "upload_received"
+#: True when this request created a new upload.
+REQUEST_STARTED = "upload_started"

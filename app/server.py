@@ -1,24 +1,29 @@
 """Application factory: routes, resources opened and closed with the app, and
-the middleware that turns every error into a JSON response and logs each request."""
+the middleware that turns every error into a JSON response, logs each request
+and counts it in the app's metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from app import handlers, keys
-from app.auth import Authorizer, make_authorizer
+from app.auth import Authorizer, AuthRequest, Grant, make_authorizer
 from app.callbacks import CompletionNotifier
 from app.config import Config
 from app.digests import crc32c_b64
-from app.errors import UploadError
+from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized, UploadError
+from app.health import DEFAULT_READINESS_TTL, READINESS, Readiness, healthz, readyz
 from app.locking import WriterRegistry
+from app.metrics import Metrics, MetricsAware
 from app.stores import open_store
 from app.stores.base import CallbackOutbox, Store, UploadInfo
 from app.uploads import UploadEngine
@@ -33,9 +38,22 @@ def error_response(error: UploadError) -> web.Response:
     return web.json_response(error.body(), status=error.status, headers=error.headers())
 
 
+#: A client's X-Request-Id is kept if it is a plausible id: printable ASCII
+#: without spaces, bounded, so it cannot forge log lines or bloat them.
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+#: Endpoints probed every few seconds: logged at DEBUG unless they fail.
+_OPS_ACTIONS = frozenset({"healthz", "readyz", "metrics"})
+_UPLOAD_ACTIONS = frozenset({"create", "append", "status", "cancel"})
+
+
+def request_id_for(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 @web.middleware
 async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request_id = request_id_for(request)
     started = time.perf_counter()
     status = 500
     try:
@@ -67,7 +85,14 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         status = response.status
         return response
     finally:
-        access_log.info(
+        elapsed = time.perf_counter() - started
+        action = request.get(keys.REQUEST_ACTION)
+        metrics = request.app.get(keys.METRICS)
+        if metrics is not None:
+            _count_request(metrics, request, action, status, elapsed)
+        # Never headers: they carry the credentials forwarded to the auth webhook.
+        access_log.log(
+            logging.DEBUG if action in _OPS_ACTIONS and status < 400 else logging.INFO,
             "%s %s %d",
             request.method,
             request.path,
@@ -76,25 +101,96 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
                 "request_id": request_id,
                 "method": request.method,
                 "upload_name": request.match_info.get("name"),
-                "action": request.get(keys.REQUEST_ACTION),
+                "action": action,
                 "status": status,
                 "bytes": request.get(keys.REQUEST_STORED, 0),
+                "received": request.get(keys.REQUEST_RECEIVED, 0),
+                "offset_before": request.get(keys.REQUEST_OFFSET_BEFORE),
                 "offset": request.get(keys.REQUEST_OFFSET),
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                "duration_ms": round(elapsed * 1000, 1),
                 "remote": request.remote,
             },
         )
 
 
+def _count_request(
+    metrics: Metrics, request: web.Request, action: str | None, status: int, elapsed: float
+) -> None:
+    label = action or "none"
+    metrics.http_requests.labels(label, str(status)).inc()
+    metrics.http_request_duration.labels(label).observe(elapsed)
+    metrics.bytes_received.inc(request.get(keys.REQUEST_RECEIVED, 0))
+    metrics.bytes_stored.inc(request.get(keys.REQUEST_STORED, 0))
+    if request.get(keys.REQUEST_STARTED):
+        metrics.uploads_started.inc()
+    if action == "cancel" and status == 204:
+        metrics.uploads_cancelled.inc()
+    if action in _UPLOAD_ACTIONS and status >= 500:
+        metrics.uploads_failed.inc()
+
+
+class MeasuredAuthorizer:
+    """Times every authorization and counts its outcome, around any Authorizer."""
+
+    def __init__(self, inner: Authorizer, metrics: Metrics) -> None:
+        self.inner = inner
+        self._metrics = metrics
+
+    async def authorize(self, request: AuthRequest) -> Grant:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            grant = await self.inner.authorize(request)
+            outcome = "allowed"
+            return grant
+        except Unauthorized:
+            outcome = "unauthorized"
+            raise
+        except Forbidden:
+            outcome = "forbidden"
+            raise
+        except AuthRefused:
+            outcome = "refused"
+            raise
+        except AuthUnavailable:
+            outcome = "unavailable"
+            raise
+        finally:
+            self._metrics.auth_duration.observe(time.perf_counter() - started)
+            self._metrics.auth_decisions.labels(outcome).inc()
+
+    def __getattr__(self, name: str) -> Any:
+        # Whatever else the wrapped authorizer offers (its call counter, for
+        # one) stays reachable through the app key.
+        return getattr(self.inner, name)
+
+
 def create_app(
-    config: Config, *, store: Store | None = None, authorizer: Authorizer | None = None
+    config: Config,
+    *,
+    store: Store | None = None,
+    authorizer: Authorizer | None = None,
+    readiness_ttl: float | None = None,
 ) -> web.Application:
     """Build the app. ``store`` and ``authorizer`` may be injected (tests, embedding);
-    an injected store is left open for its owner to close."""
+    an injected store is left open for its owner to close. ``readiness_ttl``
+    overrides how long a ``/readyz`` answer is reused (0: check every time)."""
     app = web.Application(middlewares=[errors_and_access_log], client_max_size=1024 * 1024)
     app[keys.CONFIG] = config
     writers = WriterRegistry(config.storage.takeover_timeout)
     app[keys.WRITERS] = writers
+    metrics = Metrics()
+    app[keys.METRICS] = metrics
+    metrics.track_writers(writers)
+    metrics.track_store(lambda: app.get(keys.STORE))
+    if readiness_ttl is None:
+        # config.py has no key for it yet; a server.readiness_cache_ttl added
+        # there later is picked up without touching this.
+        readiness_ttl = float(
+            getattr(config.server, "readiness_cache_ttl", DEFAULT_READINESS_TTL)
+        )
+    readiness = Readiness(lambda: app.get(keys.STORE), ttl=readiness_ttl)
+    app[READINESS] = readiness
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession() as session:
@@ -103,12 +199,20 @@ def create_app(
             active_store = await open_store(config.storage) if store is None else store
             try:
                 app[keys.STORE] = active_store
-                app[keys.AUTHORIZER] = authorizer or make_authorizer(config.auth, session)
+                if isinstance(active_store, MetricsAware):
+                    active_store.attach_metrics(metrics)
+                inner = authorizer or make_authorizer(config.auth, session)
+                if isinstance(getattr(inner, "calls", None), int):
+                    metrics.track_webhook_calls(lambda: getattr(inner, "calls", 0))
+                app[keys.AUTHORIZER] = MeasuredAuthorizer(inner, metrics)
                 outbox = active_store if isinstance(active_store, CallbackOutbox) else None
                 notifier = CompletionNotifier(config.callbacks, outbox, session)
                 app[keys.NOTIFIER] = notifier
 
                 async def on_complete(info: UploadInfo) -> None:
+                    # The engine calls this once per upload it finishes (never
+                    # for repeat requests to a completed one): the exact count.
+                    metrics.uploads_completed.inc()
                     await notifier.notify(completion_payload(info), callback_id=info.session_id)
 
                 app[keys.ENGINE] = UploadEngine(
@@ -127,16 +231,29 @@ def create_app(
 
     async def stop_writers(app: web.Application) -> None:
         # Running uploads persist what they hold and answer before the server
-        # closes their connections.
+        # closes their connections; load balancers still probing see "not ready".
+        readiness.shutting_down = True
+        if writers.active:
+            log.info("shutting down: %d running uploads asked to persist what arrived",
+                     writers.active)
         writers.stop_all()
 
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(stop_writers)
+    app.router.add_get("/healthz", healthz, allow_head=True)
+    app.router.add_get("/readyz", readyz, allow_head=True)
+    app.router.add_get("/metrics", metrics_view)
     for method, view in (("PUT", handlers.put_upload), ("POST", handlers.post_upload),
                          ("DELETE", handlers.delete_upload)):
         app.router.add_route(method, "/upload/{name:.+}", view,
                              expect_handler=handlers.expect_continue)
     return app
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    request[keys.REQUEST_ACTION] = "metrics"
+    body, content_type = request.app[keys.METRICS].render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _redeliver(notifier: CompletionNotifier) -> None:

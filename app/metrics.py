@@ -1,0 +1,201 @@
+"""Prometheus metrics, owned by one app instance.
+
+Every metric lives in the ``CollectorRegistry`` of a ``Metrics`` object that
+``create_app`` makes, never in prometheus-client's global default registry:
+several apps in one process (tests, embedding) would otherwise share counters
+and fail on duplicate names.
+
+Counters that the app already keeps elsewhere (writer takeovers, webhook
+calls) are read when scraped rather than mirrored, so they can never drift.
+
+S3 request latency and errors come from botocore's event hooks on the client;
+``instrument_s3_client`` attaches them, and a store that owns an S3 client
+offers it through ``MetricsAware.attach_metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, runtime_checkable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from app.locking import WriterRegistry
+
+NAMESPACE = "upload_proxy"
+
+#: Upload requests run from milliseconds (probes) to many minutes (big bodies).
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0, 600.0, float("inf"))
+#: Webhook and S3 calls: a few ms when healthy, seconds when something is wrong.
+_CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                 10.0, 30.0, float("inf"))
+
+
+
+class _FunctionCounters(Collector):
+    """Counters whose value is read from a function at scrape time."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def add(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._sources[f"{NAMESPACE}_{name}"] = (documentation, read)
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: reading the values while registering is not needed.
+        for name, (documentation, _) in self._sources.items():
+            yield CounterMetricFamily(name, documentation)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (documentation, read) in self._sources.items():
+            yield CounterMetricFamily(name, documentation, value=float(read()))
+
+
+class Metrics:
+    """All metrics of one app; see ``docs`` in each metric for its meaning."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ns = NAMESPACE
+        self.bytes_received = Counter(
+            "bytes_received", "Request body bytes read from clients, resent overlap included.",
+            namespace=ns, registry=r)
+        self.bytes_stored = Counter(
+            "bytes_stored", "Bytes newly and durably added to uploads (overlap skipped).",
+            namespace=ns, registry=r)
+        self.uploads_started = Counter(
+            "uploads_started", "Uploads created (plain PUT, POST, or first chunk).",
+            namespace=ns, registry=r)
+        self.uploads_completed = Counter(
+            "uploads_completed", "Uploads finished into an object by this process.",
+            namespace=ns, registry=r)
+        self.uploads_cancelled = Counter(
+            "uploads_cancelled", "Uploads cancelled by a client DELETE.",
+            namespace=ns, registry=r)
+        self.uploads_failed = Counter(
+            "uploads_failed", "Upload requests answered with a 5xx status.",
+            namespace=ns, registry=r)
+        self.uploads_in_progress = Gauge(
+            "uploads_in_progress", "Requests currently writing or reading an upload.",
+            namespace=ns, registry=r)
+        self.buffered_bytes = Gauge(
+            "buffered_bytes", "Upload bytes the store holds in memory right now.",
+            namespace=ns, registry=r)
+        self.http_requests = Counter(
+            "http_requests", "HTTP requests by upload action and status code.",
+            ["action", "status"], namespace=ns, registry=r)
+        self.http_request_duration = Histogram(
+            "http_request_duration_seconds", "HTTP request duration by upload action.",
+            ["action"], namespace=ns, registry=r, buckets=_REQUEST_BUCKETS)
+        self.auth_duration = Histogram(
+            "auth_duration_seconds",
+            "Time to authorize a request (the auth webhook, or its cache).",
+            namespace=ns, registry=r, buckets=_CALL_BUCKETS)
+        self.auth_decisions = Counter(
+            "auth_decisions",
+            "Authorization outcomes: allowed, unauthorized, forbidden, refused, "
+            "unavailable, error.",
+            ["outcome"], namespace=ns, registry=r)
+        self.s3_request_duration = Histogram(
+            "s3_request_duration_seconds", "S3 API call duration (retries included).",
+            ["operation"], namespace=ns, registry=r, buckets=_CALL_BUCKETS)
+        self.s3_errors = Counter(
+            "s3_errors", "Failed S3 API calls by S3 error code or transport exception.",
+            ["operation", "code"], namespace=ns, registry=r)
+        self._function_counters = _FunctionCounters()
+        r.register(self._function_counters)
+        self.buffered_bytes.set_function(lambda: 0.0)
+
+    # -- wiring ---------------------------------------------------------------
+
+    def track_writers(self, writers: WriterRegistry) -> None:
+        self.uploads_in_progress.set_function(lambda: float(writers.active))
+        self._function_counters.add(
+            "writer_takeovers",
+            "Requests that took an upload over from a stalled earlier request.",
+            lambda: writers.takeovers,
+        )
+
+    def track_store(self, current_store: Callable[[], object | None]) -> None:
+        """``current_store`` returns the open store, or None before it is opened."""
+
+        def buffered() -> float:
+            value = getattr(current_store(), "buffered_bytes", 0)
+            # A store without the attribute, or a mock, holds nothing we can see.
+            return float(value) if isinstance(value, int | float) else 0.0
+
+        self.buffered_bytes.set_function(buffered)
+
+    def track_webhook_calls(self, read: Callable[[], float]) -> None:
+        self._function_counters.add(
+            "auth_webhook_calls", "Requests sent to the auth webhook (cache hits excluded).",
+            read,
+        )
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition and its content type, in the format the scraper's
+        ``Accept`` header asks for (Prometheus text 0.0.4 when it asks nothing)."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+
+@runtime_checkable
+class MetricsAware(Protocol):
+    """A store that can report its own metrics (the S3 store: its client's calls)."""
+
+    def attach_metrics(self, metrics: Metrics) -> None: ...
+
+
+def instrument_s3_client(client: Any, metrics: Metrics) -> None:
+    """Record every S3 API call of ``client`` (an aiobotocore or botocore S3
+    client): latency by operation, and errors by S3 error code or, for
+    transport failures, by exception class name.
+
+    botocore emits ``before-call.s3.<Op>`` before the first attempt,
+    ``after-call.s3.<Op>`` once a response was parsed (including error
+    responses such as 404/412, after retries), and ``after-call-error.s3.<Op>``
+    when no response came at all (connection refused, timeouts), also after
+    retries. Instrumenting a client twice for the same ``Metrics`` has no further
+    effect.
+    """
+    events = client.meta.events
+    # botocore hands the before-call, after-call and after-call-error events of
+    # one API call the same context dict; keys unique to this metrics object
+    # let two apps instrument one shared client without stealing each other's
+    # start times.
+    tag = f"upload-proxy-metrics-{id(metrics)}"
+    started_key, operation_key = f"{tag}-started", f"{tag}-operation"
+
+    def before_call(context: dict[str, Any], model: Any, **_: Any) -> None:
+        context[started_key] = time.perf_counter()
+        context[operation_key] = model.name
+
+    def after_call(
+        http_response: Any, parsed: dict[str, Any], model: Any, context: dict[str, Any],
+        **_: Any,
+    ) -> None:
+        _observe(context, model.name)
+        status = getattr(http_response, "status_code", 200)
+        if status >= 300:
+            code = (parsed.get("Error") or {}).get("Code") or str(status)
+            metrics.s3_errors.labels(model.name, str(code)).inc()
+
+    def after_call_error(exception: BaseException, context: dict[str, Any], **_: Any) -> None:
+        operation = str(context.get(operation_key, "unknown"))
+        _observe(context, operation)
+        metrics.s3_errors.labels(operation, type(exception).__name__).inc()
+
+    def _observe(context: dict[str, Any], operation: str) -> None:
+        started = context.pop(started_key, None)
+        if started is not None:
+            metrics.s3_request_duration.labels(operation).observe(time.perf_counter() - started)
+
+    events.register("before-call.s3", before_call, unique_id=f"{tag}-before")
+    events.register("after-call.s3", after_call, unique_id=f"{tag}-after")
+    events.register("after-call-error.s3", after_call_error, unique_id=f"{tag}-error")
