@@ -10,6 +10,7 @@ import sys
 from aiohttp import web
 
 from app.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, replace
+from app.errors import UploadError
 from app.logs import setup_logging
 from app.server import create_app
 
@@ -41,14 +42,24 @@ def main(argv: list[str] | None = None) -> int:
         "starting on %s:%d with the %s store", config.server.host, config.server.port,
         config.storage.backend,
     )
-    web.run_app(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        shutdown_timeout=config.server.shutdown_timeout,
-        access_log=None,
-        print=None,
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.server.host,
+            port=config.server.port,
+            shutdown_timeout=config.server.shutdown_timeout,
+            access_log=None,
+            print=None,
+        )
+    except UploadError as exc:
+        # Storage that cannot be opened at start-up (bucket creation refused,
+        # data root not writable): one line, not a traceback.
+        print(f"start-up failed: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

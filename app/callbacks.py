@@ -73,6 +73,10 @@ class CompletionNotifier:
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         #: False when no receiver is configured; ``notify`` then does nothing.
         self.enabled = bool(config.on_complete_url)
+        # Outcome counts, read by the metrics endpoint.
+        self.delivered = 0
+        self.failed_attempts = 0
+        self.given_up = 0
         self._url = config.on_complete_url or ""
         self._log_url = str(URL(self._url).with_user(None)) if self._url else ""
         self._secret = config.secret or ""
@@ -127,11 +131,13 @@ class CompletionNotifier:
         for attempt in range(1, self._config.max_attempts + 1):
             reason = await self._attempt(callback_id, body)
             if not reason:
+                self.delivered += 1
                 await self._forget(callback_id)
                 logger.info(
                     "callback %s delivered on attempt %d", callback_id, attempt
                 )
                 return True
+            self.failed_attempts += 1
             if attempt < self._config.max_attempts:
                 delay = self._backoff(attempt)
                 logger.info(
@@ -139,6 +145,7 @@ class CompletionNotifier:
                     callback_id, attempt, self._config.max_attempts, reason, delay,
                 )
                 await self._sleep(delay)
+        self.given_up += 1
         logger.warning(
             "callback %s to %s not delivered after %d attempts (last: %s); %s",
             callback_id, self._log_url, self._config.max_attempts, reason,

@@ -90,6 +90,8 @@ class ServerConfig:
     shutdown_timeout: Duration = 25.0
     #: A client that sends no body byte for this long is treated as gone.
     read_timeout: Duration = 60.0
+    #: How long ``/readyz`` reuses its last storage check.
+    readiness_cache_ttl: Duration = 2.0
 
 
 @dataclass(frozen=True)

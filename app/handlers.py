@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import aiohttp
@@ -190,18 +189,12 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
             name, body, content_length=content_length, content_type=content_type,
             grant=grant, digests=digests,
         )
-        request[keys.REQUEST_STARTED] = True
     else:
         grant = await _authorize(request, name, "create" if parsed.start == 0 else "append")
-        began = time.time()
         outcome = await engine.put_chunk(
             name, parsed, body, content_length=content_length, content_type=content_type,
             grant=grant, digests=digests,
         )
-        # A first chunk creates the upload only if none was there; the engine
-        # does not say which, but a session created during this request can only
-        # be this request's own (writers of one name are serialised).
-        request[keys.REQUEST_STARTED] = parsed.start == 0 and outcome.info.created_at >= began
     request[keys.REQUEST_STORED] = outcome.stored
     return _respond(request, outcome)
 
@@ -218,7 +211,6 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
     base = request.app[keys.CONFIG].server.public_url or f"{request.scheme}://{request.host}"
     location = f"{base.rstrip('/')}{request.rel_url.raw_path}"
     request[keys.REQUEST_OFFSET] = info.offset
-    request[keys.REQUEST_STARTED] = True
     return web.json_response(
         {"name": info.name, "offset": info.offset, "total": info.total},
         status=200,

@@ -26,8 +26,6 @@ from app.stores.base import HealthCheck
 
 log = logging.getLogger(__name__)
 
-#: How long a readiness answer is reused, by default.
-DEFAULT_READINESS_TTL = 2.0
 #: A storage check slower than this is reported as a failure.
 DEFAULT_READINESS_TIMEOUT = 5.0
 
@@ -37,7 +35,7 @@ class Readiness:
         self,
         current_store: Callable[[], object | None],
         *,
-        ttl: float = DEFAULT_READINESS_TTL,
+        ttl: float,
         timeout: float = DEFAULT_READINESS_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

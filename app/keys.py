@@ -34,4 +34,3 @@ REQUEST_STORED = "upload_stored"
 #: Body bytes read from the client, overlap included.
 REQUEST_RECEIVED = "upload_received"
 #: True when this request created a new upload.
-REQUEST_STARTED = "upload_started"

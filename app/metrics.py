@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from app.callbacks import CompletionNotifier
 from app.locking import WriterRegistry
 
 NAMESPACE = "upload_proxy"
@@ -131,6 +132,17 @@ class Metrics:
             return float(value) if isinstance(value, int | float) else 0.0
 
         self.buffered_bytes.set_function(buffered)
+
+    def track_callbacks(self, notifier: CompletionNotifier) -> None:
+        for name, doc, attr in (
+            ("callbacks_delivered", "Completion callbacks the main application accepted.",
+             "delivered"),
+            ("callback_attempts_failed", "Completion callback attempts that failed.",
+             "failed_attempts"),
+            ("callbacks_given_up", "Completion callbacks left pending after all attempts.",
+             "given_up"),
+        ):
+            self._function_counters.add(name, doc, lambda attr=attr: getattr(notifier, attr))
 
     def track_webhook_calls(self, read: Callable[[], float]) -> None:
         self._function_counters.add(

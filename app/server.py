@@ -21,7 +21,7 @@ from app.callbacks import CompletionNotifier
 from app.config import Config
 from app.digests import crc32c_b64
 from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized, UploadError
-from app.health import DEFAULT_READINESS_TTL, READINESS, Readiness, healthz, readyz
+from app.health import READINESS, Readiness, healthz, readyz
 from app.locking import WriterRegistry
 from app.metrics import Metrics, MetricsAware
 from app.stores import open_store
@@ -121,8 +121,6 @@ def _count_request(
     metrics.http_request_duration.labels(label).observe(elapsed)
     metrics.bytes_received.inc(request.get(keys.REQUEST_RECEIVED, 0))
     metrics.bytes_stored.inc(request.get(keys.REQUEST_STORED, 0))
-    if request.get(keys.REQUEST_STARTED):
-        metrics.uploads_started.inc()
     if action == "cancel" and status == 204:
         metrics.uploads_cancelled.inc()
     if action in _UPLOAD_ACTIONS and status >= 500:
@@ -184,11 +182,7 @@ def create_app(
     metrics.track_writers(writers)
     metrics.track_store(lambda: app.get(keys.STORE))
     if readiness_ttl is None:
-        # config.py has no key for it yet; a server.readiness_cache_ttl added
-        # there later is picked up without touching this.
-        readiness_ttl = float(
-            getattr(config.server, "readiness_cache_ttl", DEFAULT_READINESS_TTL)
-        )
+        readiness_ttl = config.server.readiness_cache_ttl
     readiness = Readiness(lambda: app.get(keys.STORE), ttl=readiness_ttl)
     app[READINESS] = readiness
 
@@ -208,6 +202,7 @@ def create_app(
                 outbox = active_store if isinstance(active_store, CallbackOutbox) else None
                 notifier = CompletionNotifier(config.callbacks, outbox, session)
                 app[keys.NOTIFIER] = notifier
+                metrics.track_callbacks(notifier)
 
                 async def on_complete(info: UploadInfo) -> None:
                     # The engine calls this once per upload it finishes (never
@@ -216,7 +211,9 @@ def create_app(
                     await notifier.notify(completion_payload(info), callback_id=info.session_id)
 
                 app[keys.ENGINE] = UploadEngine(
-                    active_store, config.storage, writers, on_complete=on_complete
+                    active_store, config.storage, writers,
+                    on_start=lambda info: metrics.uploads_started.inc(),
+                    on_complete=on_complete,
                 )
                 redelivery = (
                     asyncio.create_task(_redeliver(notifier)) if notifier.enabled else None

@@ -95,12 +95,14 @@ class UploadEngine:
         config: StorageConfig,
         writers: WriterRegistry,
         *,
+        on_start: Callable[[UploadInfo], None] | None = None,
         on_complete: CompletionHook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._config = config
         self._writers = writers
+        self._on_start = on_start
         self._on_complete = on_complete
         self._clock = clock
 
@@ -250,6 +252,8 @@ class UploadEngine:
         )
         log.info("upload %r started (total %s, part size %d)", name,
                  "unknown" if total is None else total, info.part_size)
+        if self._on_start is not None:
+            self._on_start(info)
         return info
 
     def _check_declared_size(self, total: int | None, grant: Grant) -> None:

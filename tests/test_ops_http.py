@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import keys
 from app.auth import AuthRequest, Grant
-from app.config import Config, config_from_mapping
+from app.config import Config, config_from_mapping, replace
 from app.errors import Forbidden
 from app.logs import JsonFormatter
 from app.metrics import Metrics, instrument_s3_client
@@ -279,3 +280,31 @@ async def test_access_log_fields_and_no_credentials(tmp_path, http, caplog) -> N
     everything = caplog.text + "\n".join(lines)
     assert "TOPSECRET" not in everything
     assert "COOKIESECRET" not in everything
+
+
+async def test_callback_outcomes_are_counted(tmp_path, http, aiohttp_server) -> None:
+    answers = [500, 200]
+    received = asyncio.Event()
+
+    async def main_app(request: web.Request) -> web.Response:
+        await request.read()
+        status = answers.pop(0)
+        if status == 200:
+            received.set()
+        return web.Response(status=status)
+
+    receiver = web.Application()
+    receiver.router.add_post("/done", main_app)
+    server = await aiohttp_server(receiver)
+    config = replace(fs_config(tmp_path), callbacks={
+        "on_complete_url": str(server.make_url("/done")), "secret": "s", "backoff": 0.01})
+    async with serve(config) as (url, _):
+        async with http.put(f"{url}/upload/cb.bin", data=b"payload") as resp:
+            assert resp.status == 200
+        async with asyncio.timeout(10):
+            await received.wait()
+        async with asyncio.timeout(10):
+            while value(samples := await metrics_of(http, url), "callbacks_delivered_total") < 1:
+                await asyncio.sleep(0.02)
+        assert value(samples, "callback_attempts_failed_total") == 1
+        assert value(samples, "callbacks_given_up_total") == 0
