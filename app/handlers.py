@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -17,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from app import keys
 from app.auth import Action, AuthRequest, Grant
 from app.digests import crc32c_b64, md5_b64, parse_goog_hash
-from app.errors import BadRequest
+from app.errors import BadRequest, InvalidName
 from app.protocol import (
     Chunk,
     Probe,
@@ -31,6 +33,9 @@ from app.uploads import BodyInterrupted, ClientDigests, Outcome
 
 #: Largest JSON body accepted on POST initiation (object metadata).
 MAX_INITIATION_BODY = 64 * 1024
+UPLOAD_PREFIX = "/upload/"
+_CONTINUE_SENT = "continue_sent"
+_CONTENT_TYPE = re.compile(r"[!-~][ -~]{0,254}")
 
 
 class RequestBody:
@@ -44,10 +49,6 @@ class RequestBody:
         self._request = request
         self._content = request.content
         self._read_timeout = read_timeout
-        self._continue_pending = (
-            request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
-            and request.version >= aiohttp.HttpVersion11
-        )
         self._aborted = False
         self._pending: asyncio.Timeout | None = None
 
@@ -61,9 +62,7 @@ class RequestBody:
         if self._aborted:
             return self._take_buffered()
         try:
-            if self._continue_pending:
-                self._continue_pending = False
-                await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await send_continue(self._request)
             async with asyncio.timeout(self._read_timeout) as self._pending:
                 return await self._content.readany()
         except TimeoutError:
@@ -92,14 +91,48 @@ class RequestBody:
         return data
 
 
-async def expect_continue(request: web.Request) -> None:
-    """Never answer ``100 Continue`` up front: ``RequestBody`` does it after auth."""
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """Never answer ``100 Continue`` up front: ``send_continue`` does it once
+    auth and the offset checks have passed. (aiohttp runs this before the
+    middlewares, so an answer from here is rendered here.)"""
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text="only 'Expect: 100-continue' is supported")
+        return web.json_response(
+            {"error": "expectation_failed",
+             "message": "only 'Expect: 100-continue' is supported"},
+            status=417,
+        )
+    return None
+
+
+async def send_continue(request: web.Request) -> None:
+    """Send ``100 Continue`` once, if the client asked for it, just before the
+    first body read."""
+    if (
+        request.get(_CONTINUE_SENT) is None
+        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+        and request.version >= aiohttp.HttpVersion11
+    ):
+        request[_CONTINUE_SENT] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 def _name(request: web.Request) -> str:
-    return validate_name(request.match_info["name"])
+    """The upload name, percent-decoded exactly once from the raw path.
+
+    aiohttp's ``match_info`` leaves escapes that are not UTF-8 as they are, so
+    ``%FF`` and ``%25FF`` would name the same object."""
+    raw = request.rel_url.raw_path.removeprefix(UPLOAD_PREFIX)
+    try:
+        name = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidName("the upload name is not valid UTF-8 once percent-decoded") from None
+    return validate_name(name)
+
+
+def _content_type(value: str | None, header: str) -> str | None:
+    if value is not None and not _CONTENT_TYPE.fullmatch(value):
+        raise BadRequest(f"{header} must be printable ASCII, like 'video/mp4'")
+    return value
 
 
 def _object_key(request: web.Request, name: str) -> str:
@@ -174,15 +207,19 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
     header = request.headers.get(hdrs.CONTENT_RANGE)
     parsed: Probe | Chunk | None = parse_content_range(header) if header is not None else None
     content_length = parse_length(request.headers.get(hdrs.CONTENT_LENGTH), "Content-Length")
+    if content_length is None and not request.body_exists:
+        # Neither Content-Length nor chunked: the body is empty by definition
+        # (RFC 9112 6.3), not a connection that dropped.
+        content_length = 0
     engine = request.app[keys.ENGINE]
+    digests = _client_digests(request)
     if isinstance(parsed, Probe):
-        if content_length:
+        if content_length is None or content_length > 0:
             raise BadRequest("a status probe ('bytes */...') must have an empty body")
         grant = await _authorize(request, name, "status")
-        return _respond(request, await engine.status(name, parsed.total, grant))
+        return _respond(request, await engine.status(name, parsed.total, grant, digests))
     body = RequestBody(request, request.app[keys.CONFIG].server.read_timeout)
-    digests = _client_digests(request)
-    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    content_type = _content_type(request.headers.get(hdrs.CONTENT_TYPE), "Content-Type")
     if parsed is None:
         grant = await _authorize(request, name, "create")
         outcome = await engine.put_whole(
@@ -204,7 +241,9 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
     total = parse_length(request.headers.get("X-Upload-Content-Length"), "X-Upload-Content-Length")
     grant = await _authorize(request, name, "create")
     metadata, body_type = await _initiation_body(request)
-    content_type = request.headers.get("X-Upload-Content-Type") or body_type
+    content_type = _content_type(
+        request.headers.get("X-Upload-Content-Type") or body_type, "X-Upload-Content-Type"
+    )
     info = await request.app[keys.ENGINE].initiate(
         name, total=total, content_type=content_type, metadata=metadata, grant=grant
     )
@@ -224,14 +263,17 @@ async def _initiation_body(request: web.Request) -> tuple[dict[str, str], str | 
         return {}, None
     if (request.content_length or 0) > MAX_INITIATION_BODY:
         raise BadRequest(f"the initiation body is larger than {MAX_INITIATION_BODY} bytes")
-    raw = await request.content.read(MAX_INITIATION_BODY + 1)
+    await send_continue(request)
+    raw = bytearray()
+    while len(raw) <= MAX_INITIATION_BODY and (data := await request.content.readany()):
+        raw += data
     if len(raw) > MAX_INITIATION_BODY:
         raise BadRequest(f"the initiation body is larger than {MAX_INITIATION_BODY} bytes")
     if not raw.strip():
         return {}, None
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadRequest("the initiation body must be a JSON object") from None
     if not isinstance(doc, dict):
         raise BadRequest("the initiation body must be a JSON object")

@@ -242,7 +242,7 @@ def create_app(
     app.router.add_get("/metrics", metrics_view)
     for method, view in (("PUT", handlers.put_upload), ("POST", handlers.post_upload),
                          ("DELETE", handlers.delete_upload)):
-        app.router.add_route(method, "/upload/{name:.+}", view,
+        app.router.add_route(method, "/upload/{name:.*}", view,
                              expect_handler=handlers.expect_continue)
     return app
 

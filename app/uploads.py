@@ -108,7 +108,9 @@ class UploadEngine:
 
     # -- requests ---------------------------------------------------------
 
-    async def status(self, name: str, total: int | None, grant: Grant) -> Outcome:
+    async def status(
+        self, name: str, total: int | None, grant: Grant, digests: ClientDigests | None = None
+    ) -> Outcome:
         """A ``bytes */T`` probe; finalizes when ``T`` bytes are all present."""
         async with self._writers.hold(name):
             info = await self._current(name, grant)
@@ -120,7 +122,7 @@ class UploadEngine:
                 if info.offset == total:
                     if info.total is None:
                         info = await self._store.write(info, _empty(), total=total)
-                    return Outcome(await self._finish(info, None, None))
+                    return Outcome(await self._finish(info, None, digests))
             return Outcome(info)
 
     async def put_chunk(
