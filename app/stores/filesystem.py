@@ -6,6 +6,7 @@ Layout under ``root`` (the resolved ``storage.filesystem.root``)::
     root/.uploads/sessions/<sha256>.json    one session record ("sidecar") per name
     root/.uploads/data/<session_id>         the bytes of an unfinished upload
     root/.uploads/callbacks/<sha256>.json   completion callbacks not yet delivered
+    root/.uploads/locks/<sha256>.lock       per-name lock (``flock``) and writer token
     root/.uploads/tmp/                      temp files of atomic writes, health probes
 
 Sidecars are named by the SHA-256 of the upload name because names may be
@@ -24,9 +25,25 @@ ETag: an MD5 of the whole object cannot be computed across resumes, so the
 ETag is the strong validator ``"<crc32c as 8 hex digits>-<size>"`` (quotes
 included), which changes whenever the content does as far as CRC32C can tell.
 
-The store assumes it is the only process writing a given upload at a time (the
-caller serialises writers of one name); several instances may share a root.
-It needs a POSIX system: paths under the root are walked with directory file
+Several processes may share a root. The caller serialises writers of one name
+only within its own process, so every step that changes an upload (create, the
+start of a write, each appended batch with its sidecar update, finish, cancel,
+crash repairs) runs under an exclusive ``flock`` on the name's lock file, taken
+in the worker thread for one short step and never held across an await. A
+write also leaves a random token in the lock file when it starts; before each
+later step it re-reads, under the lock, the sidecar and the token and goes on
+only if the session, its offset (as this write last recorded it) and the token
+are still its own and the data file is still the one it opened. Otherwise
+another process replaced, advanced, took over, finished or cancelled the
+upload meanwhile: the write drops what it still holds, changes nothing and
+raises ``OffsetMismatch`` (``UploadNotFound`` when the session is gone), so a
+stalled writer can never record over newer work or append to a finished
+object. The token needs no durability: a crash ends every writer. Lock files
+are removed, under their lock, together with their session; a waiter that then
+finds its locked file unlinked simply opens the new one. (On NFS, Linux maps
+``flock`` to POSIX locks, so the server must support locking.)
+
+The store needs a POSIX system: paths under the root are walked with directory file
 descriptors and ``O_NOFOLLOW`` so that a symlink planted under the root can
 never redirect a write outside it.
 """
@@ -36,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -43,7 +61,8 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
 
@@ -75,6 +94,8 @@ _LIST_BATCH = 64
 #: write in progress.
 _STALE_TMP_SECONDS = 3600.0
 _SIDECAR_FORMAT = 1
+#: Length of the random writer token kept at the start of a name's lock file.
+_TOKEN_BYTES = 32
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -195,6 +216,8 @@ class _Append:
     recorded: UploadInfo
     fd: int
     path: str
+    #: This write's token in the lock file; another write starting replaces it.
+    token: bytes
     #: The data file was created by this write, so its directory entry needs an fsync.
     created: bool
     offset: int
@@ -206,6 +229,8 @@ class _Append:
     #: An fsync failed: the kernel may have dropped the dirty pages, and a later
     #: fsync can report success regardless, so nothing more may be recorded.
     broken: bool = False
+    #: Another writer or process changed the upload: nothing more is written.
+    stale: bool = False
 
 
 class FilesystemStore:
@@ -221,6 +246,7 @@ class FilesystemStore:
         self._data_dir = os.path.join(uploads, "data")
         self._callbacks_dir = os.path.join(uploads, "callbacks")
         self._tmp_dir = os.path.join(uploads, "tmp")
+        self._locks_dir = os.path.join(uploads, "locks")
 
     @classmethod
     async def open(cls, config: StorageConfig) -> FilesystemStore:
@@ -236,7 +262,7 @@ class FilesystemStore:
             # so every later containment check compares real paths.
             root = os.path.realpath(configured)
             uploads = os.path.join(root, RESERVED_PREFIX)
-            for sub in ("sessions", "data", "callbacks", "tmp"):
+            for sub in ("sessions", "data", "callbacks", "tmp", "locks"):
                 os.makedirs(os.path.join(uploads, sub), exist_ok=True)
             if config.filesystem.fsync:
                 for path in (root, uploads):
@@ -332,7 +358,12 @@ class FilesystemStore:
                     await closer()
                 except Exception:
                     log.debug("closing the chunk stream failed", exc_info=True)
-        result = await _in_thread(self._end_write, append, pending)
+        try:
+            result = await _in_thread(self._end_write, append, pending)
+        except Exception:
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure from None  # a cancellation is never swallowed
+            raise
         if failure is not None:
             raise failure
         return result
@@ -420,6 +451,9 @@ class FilesystemStore:
     def _data_path(self, session_id: str) -> str:
         return os.path.join(self._data_dir, session_id)
 
+    def _lock_path(self, name: str) -> str:
+        return os.path.join(self._locks_dir, _name_key(name) + ".lock")
+
     def _callback_path(self, callback_id: str) -> str:
         return os.path.join(self._callbacks_dir, _name_key(callback_id) + ".json")
 
@@ -497,6 +531,55 @@ class FilesystemStore:
 
     # -- blocking helpers (run in worker threads) ----------------------------
 
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[int]:
+        """Hold the exclusive cross-process lock of ``name`` for one short step.
+
+        Yields the lock file's descriptor (it also carries the writer token).
+        Never nest: a second lock of the same name in one thread would wait for
+        itself. A lock file whose session is gone is removed before unlocking.
+        """
+        path = self._lock_path(name)
+        fd = self._acquire_lock(path)
+        try:
+            yield fd
+        finally:
+            try:
+                if not os.path.lexists(self._sidecar_path(name)):
+                    # Still locked: a waiter on this file sees it unlinked and retries.
+                    os.unlink(path)
+            except OSError:
+                pass  # a leftover lock file costs nothing
+            os.close(fd)  # releases the lock
+
+    def _acquire_lock(self, path: str) -> int:
+        while True:
+            try:
+                fd = os.open(
+                    path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
+                )
+            except OSError as exc:
+                raise _unavailable("open the lock file", path, exc) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                held = os.fstat(fd)
+                try:
+                    current = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    current = None
+            except OSError as exc:
+                os.close(fd)
+                raise _unavailable("lock", path, exc) from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            if current is not None and (current.st_dev, current.st_ino) == (
+                held.st_dev,
+                held.st_ino,
+            ):
+                return fd
+            os.close(fd)  # removed (or replaced) while we waited: lock the current one
+
     def _atomic_write(self, path: str, raw: bytes, action: str) -> None:
         tmp = os.path.join(self._tmp_dir, f"{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
@@ -558,10 +641,37 @@ class FilesystemStore:
             return None
 
     def _load(self, name: str) -> UploadInfo:
-        """The session of ``name``, after repairing what a crash left behind."""
+        """The session of ``name``, after repairing what a crash left behind.
+
+        Reading needs no lock; a repair is decided again under the lock, since
+        what looked broken may be another process's step in progress.
+        """
         info = self._read_sidecar(name)
         if info is None:
             raise UploadNotFound(f"no upload in progress for {name!r}")
+        if self._data_size_if_broken(info) is None:
+            return info
+        with self._locked(name):
+            return self._load_locked(name)
+
+    def _load_locked(self, name: str) -> UploadInfo:
+        """``_load`` for a caller that holds the lock of ``name``."""
+        info = self._read_sidecar(name)
+        if info is None:
+            raise UploadNotFound(f"no upload in progress for {name!r}")
+        size = self._data_size_if_broken(info)
+        if size is None:
+            return info
+        data_path = self._data_path(info.session_id)
+        if info.completed is not None:
+            # Marked completed, then a crash before the rename: finish the job.
+            self._place(name, data_path)
+            return info
+        return self._repair_short_data(info, data_path)
+
+    def _data_size_if_broken(self, info: UploadInfo) -> int | None:
+        """The data file's size (0 if missing) when it disagrees with the
+        sidecar in a way a crash leaves behind, else None."""
         data_path = self._data_path(info.session_id)
         try:
             size: int | None = os.stat(data_path).st_size
@@ -570,13 +680,10 @@ class FilesystemStore:
         except OSError as exc:
             raise _unavailable("inspect", data_path, exc) from exc
         if info.completed is not None:
-            if size is not None:
-                # Marked completed, then a crash before the rename: finish the job.
-                self._place(name, data_path)
-            return info
+            return size  # a completed session's data file is renamed away
         if (size or 0) < info.offset:
-            return self._repair_short_data(info, data_path)
-        return info
+            return size or 0
+        return None
 
     def _repair_short_data(self, info: UploadInfo, data_path: str) -> UploadInfo:
         """The data file lost bytes the sidecar counts (fsync off, or a damaged
@@ -605,6 +712,10 @@ class FilesystemStore:
 
     def _create(self, info: UploadInfo) -> UploadInfo:
         self._check_name(info.name)
+        with self._locked(info.name):
+            return self._create_locked(info)
+
+    def _create_locked(self, info: UploadInfo) -> UploadInfo:
         old = self._read_sidecar(info.name, discard_damaged=True)
         if old is not None:
             old_data = self._data_path(old.session_id)
@@ -620,7 +731,11 @@ class FilesystemStore:
         return stamped
 
     def _begin_write(self, info: UploadInfo, total: int | None) -> _Append:
-        stored = self._load(info.name)
+        with self._locked(info.name) as lock_fd:
+            return self._begin_write_locked(info, total, lock_fd)
+
+    def _begin_write_locked(self, info: UploadInfo, total: int | None, lock_fd: int) -> _Append:
+        stored = self._load_locked(info.name)
         if stored.completed is not None:
             raise UploadNotFound(f"the upload {info.name!r} is already complete")
         if stored.session_id != info.session_id or stored.offset != info.offset:
@@ -658,17 +773,68 @@ class FilesystemStore:
         except OSError as exc:
             os.close(fd)
             raise _unavailable("prepare", path, exc) from exc
+        # Take over: a writer still streaming elsewhere (a stalled request on
+        # another process) sees its token gone at its next step and stops.
+        token = uuid.uuid4().hex.encode("ascii")
+        try:
+            os.pwrite(lock_fd, token, 0)
+        except OSError as exc:
+            os.close(fd)
+            raise _unavailable("write the lock file", self._lock_path(info.name), exc) from exc
         return _Append(
             recorded=stored,
             fd=fd,
             path=path,
+            token=token,
             created=created,
             offset=stored.offset,
             crc32c=stored.crc32c,
             dirty=dirty,
         )
 
+    def _check_still_ours(self, append: _Append, lock_fd: int) -> None:
+        """Under the lock: refuse to go on unless nothing else touched the
+        upload since this write started or last recorded."""
+        name = append.recorded.name
+        try:
+            token = os.pread(lock_fd, _TOKEN_BYTES, 0)
+        except OSError as exc:
+            raise _unavailable("read the lock file", self._lock_path(name), exc) from exc
+        stored = self._read_sidecar(name)
+        if stored is None:
+            append.stale = True
+            raise UploadNotFound(f"the upload {name!r} was cancelled meanwhile")
+        if stored.session_id != append.recorded.session_id:
+            reason = "was replaced by a new upload"
+        elif stored.completed is not None:
+            reason = "was completed by another request"
+        elif stored.offset != append.recorded.offset or token != append.token:
+            reason = "is being written by another request"
+        else:
+            try:
+                held = os.fstat(append.fd)
+                current = os.stat(append.path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            except OSError as exc:
+                raise _unavailable("inspect", append.path, exc) from exc
+            if current is not None and (current.st_dev, current.st_ino) == (
+                held.st_dev,
+                held.st_ino,
+            ):
+                return
+            reason = "lost the data file this write opened"
+        append.stale = True
+        raise OffsetMismatch(
+            f"{name!r} {reason}; it holds {stored.offset} bytes", offset=stored.offset
+        )
+
     def _append(self, append: _Append, batch: list[bytes]) -> None:
+        with self._locked(append.recorded.name) as lock_fd:
+            self._check_still_ours(append, lock_fd)
+            self._append_locked(append, batch)
+
+    def _append_locked(self, append: _Append, batch: list[bytes]) -> None:
         data = b"".join(batch)
         try:
             _write_all(append.fd, data)
@@ -684,7 +850,8 @@ class FilesystemStore:
             self._record(append)
 
     def _record(self, append: _Append) -> UploadInfo:
-        """Make the appended bytes durable, then count them in the sidecar."""
+        """Make the appended bytes durable, then count them in the sidecar.
+        The caller holds the lock and has checked the upload is still its own."""
         if self._fsync:
             try:
                 os.fsync(append.fd)
@@ -710,15 +877,20 @@ class FilesystemStore:
     def _end_write(self, append: _Append, batch: list[bytes]) -> UploadInfo:
         error: StorageUnavailable | None = None
         try:
-            if batch and not append.failed:
-                try:
-                    self._append(append, batch)
-                except StorageUnavailable as exc:
-                    error = exc  # still record the bytes that did get written
-            if append.dirty and not append.broken:
-                result = self._record(append)
-            else:
-                result = append.recorded
+            write = bool(batch) and not append.failed
+            if append.stale or not (write or (append.dirty and not append.broken)):
+                return append.recorded  # nothing to write, or no longer ours to write
+            with self._locked(append.recorded.name) as lock_fd:
+                self._check_still_ours(append, lock_fd)
+                if write:
+                    try:
+                        self._append_locked(append, batch)
+                    except StorageUnavailable as exc:
+                        error = exc  # still record the bytes that did get written
+                if append.dirty and not append.broken:
+                    result = self._record(append)
+                else:
+                    result = append.recorded
         finally:
             try:
                 os.close(append.fd)
@@ -729,7 +901,11 @@ class FilesystemStore:
         return result
 
     def _finish(self, info: UploadInfo, md5: bytes | None) -> UploadInfo:
-        stored = self._load(info.name)
+        with self._locked(info.name):
+            return self._finish_locked(info, md5)
+
+    def _finish_locked(self, info: UploadInfo, md5: bytes | None) -> UploadInfo:
+        stored = self._load_locked(info.name)
         if stored.session_id != info.session_id:
             raise OffsetMismatch(
                 f"{info.name!r} was replaced by a new upload holding {stored.offset} bytes",
@@ -835,6 +1011,10 @@ class FilesystemStore:
                 raise _unavailable("flush the directory of", self._object_path(name), exc) from exc
 
     def _cancel(self, name: str) -> None:
+        with self._locked(name):
+            self._cancel_locked(name)
+
+    def _cancel_locked(self, name: str) -> None:
         existed = os.path.exists(self._sidecar_path(name))
         info = self._read_sidecar(name, discard_damaged=True)
         if info is None:

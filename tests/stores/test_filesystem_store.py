@@ -3,6 +3,7 @@ on-disk layout, crash leftovers, containment under the root, OS errors."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
@@ -19,7 +20,7 @@ import pytest
 
 from app.config import StorageConfig
 from app.config import replace as replace_config
-from app.errors import InvalidName, OffsetMismatch, StorageUnavailable
+from app.errors import InvalidName, OffsetMismatch, StorageUnavailable, UploadNotFound
 from app.stores import filesystem as fs_module
 from app.stores.base import CallbackOutbox, HealthCheck
 from app.stores.filesystem import FilesystemStore
@@ -186,6 +187,123 @@ async def test_a_crash_between_completion_and_rename_is_rolled_forward(
     assert again.completed == done.completed
     assert (root / "roll.bin").read_bytes() == b"roll!"
     assert not data_path(root, info.session_id).exists()
+
+
+# -- several processes on one root ---------------------------------------------------
+
+
+async def stalling(
+    first: bytes, later: bytes, sent: asyncio.Event, resume: asyncio.Event
+) -> AsyncIterator[bytes]:
+    """A body that sends ``first``, stalls (a half-open request) and later resumes."""
+    yield first
+    sent.set()
+    await resume.wait()
+    yield later
+
+
+# A stall before the first batch (everything still pending) and one after a whole
+# batch reached the data file (the next batch is checked mid-stream).
+@pytest.mark.parametrize("first_size", [500, 4 * MIB + 5])
+async def test_a_stalled_writer_on_another_instance_cannot_undo_a_completion(
+    storage: StorageConfig, root: Path, first_size: int
+) -> None:
+    stale_store = await FilesystemStore.open(storage)
+    fresh_store = await FilesystemStore.open(storage)
+    late = b"L" * (4 * MIB if first_size > MIB else 100)  # a whole batch, or a bit
+    data = payload(1000 + first_size + len(late) + 2000, seed=11)
+    info = await append(
+        stale_store, await new_upload(stale_store, "two.bin", total=len(data)), data[:1000]
+    )
+    sent, resume = asyncio.Event(), asyncio.Event()
+    stale = asyncio.create_task(
+        stale_store.write(info, stalling(data[1000 : 1000 + first_size], late, sent, resume))
+    )
+    await asyncio.wait_for(sent.wait(), 10)
+
+    # The client reconnects through the other instance, probes, resumes and completes.
+    probed = await fresh_store.get("two.bin")
+    assert probed.offset == 1000
+    done = await fresh_store.finish(await append(fresh_store, probed, data[1000:]))
+    assert done.completed is not None
+    sidecar = sidecar_path(root, "two.bin").read_bytes()
+
+    resume.set()  # the stalled body finally moves (or times out) on the first instance
+    with pytest.raises(OffsetMismatch) as caught:
+        await asyncio.wait_for(stale, 10)
+    assert caught.value.offset == len(data)
+
+    assert sidecar_path(root, "two.bin").read_bytes() == sidecar
+    for store in (stale_store, fresh_store, await FilesystemStore.open(storage)):
+        again = await store.get("two.bin")
+        assert (again.session_id, again.offset, again.completed) == (
+            done.session_id, len(data), done.completed,
+        )
+    assert (root / "two.bin").read_bytes() == data
+    assert not data_path(root, info.session_id).exists()
+    with pytest.raises(UploadNotFound):
+        await append(stale_store, info, b"more")
+    assert (root / "two.bin").read_bytes() == data
+
+
+async def test_a_writer_taken_over_by_another_instance_stops_at_its_next_batch(
+    storage: StorageConfig, root: Path
+) -> None:
+    """The first writer's unrecorded batch is cut off by the second writer's start
+    at the same offset; the first must then record nothing, or the sidecar would
+    count bytes that are no longer in the data file."""
+    first_store = await FilesystemStore.open(storage)
+    second_store = await FilesystemStore.open(storage)
+    data = payload(3000 + 4 * MIB, seed=12)
+    info = await append(first_store, await new_upload(first_store, "takeover.bin"), data[:1000])
+    first_sent, first_resume = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(
+        first_store.write(
+            info, stalling(data[1000 : 1000 + 4 * MIB], b"F" * 100, first_sent, first_resume)
+        )
+    )
+    await asyncio.wait_for(first_sent.wait(), 10)
+    assert data_path(root, info.session_id).stat().st_size == 1000 + 4 * MIB  # not recorded
+
+    second_sent, second_resume = asyncio.Event(), asyncio.Event()
+    probed = await second_store.get("takeover.bin")
+    assert probed.offset == 1000
+    second = asyncio.create_task(
+        second_store.write(
+            probed, stalling(data[1000:2000], data[2000:3000], second_sent, second_resume)
+        )
+    )
+    await asyncio.wait_for(second_sent.wait(), 10)
+
+    first_resume.set()  # the first writer ends before the second one records
+    with pytest.raises(OffsetMismatch) as caught:
+        await asyncio.wait_for(first, 10)
+    assert caught.value.offset == 1000
+    assert (await first_store.get("takeover.bin")).offset == 1000
+
+    second_resume.set()
+    state = await asyncio.wait_for(second, 10)
+    assert (state.offset, state.crc32c) == (3000, google_crc32c.value(data[:3000]))
+    state = await append(second_store, state, data[3000:], total=len(data))
+    await second_store.finish(state)
+    assert (root / "takeover.bin").read_bytes() == data
+
+
+async def test_lock_files_live_as_long_as_their_session(
+    store: FilesystemStore, root: Path
+) -> None:
+    locks = root / ".uploads" / "locks"
+    await store.finish(await append(store, await new_upload(store, "kept.bin", total=1), b"k"))
+    info = await new_upload(store, "gone.bin")
+    assert len(list(locks.iterdir())) == 2
+    await store.cancel("gone.bin")
+    with pytest.raises(UploadNotFound):
+        await append(store, info, b"x")
+    with pytest.raises(UploadNotFound):
+        await store.cancel("gone.bin")
+    assert [p.name for p in locks.iterdir()] == [
+        hashlib.sha256(b"kept.bin").hexdigest() + ".lock"
+    ]
 
 
 async def test_blocking_io_runs_off_the_event_loop(
