@@ -38,6 +38,7 @@ from app.stores import open_store
 from app.stores.base import Store, UploadInfo
 from tests.relay import TcpRelay
 from tests.stores.fixtures import StoreHarness
+from tests.stores.test_s3_store import emulate_s3_upload_listing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "abort_stale_uploads.py"
@@ -361,49 +362,75 @@ async def test_orphan_sweeper_capability_is_used(tmp_path: Path) -> None:
     ]
 
 
-def _s3_store_sweeps_orphans() -> bool:
-    from app.stores.s3 import S3Store
+@pytest.fixture
+def s3_like_upload_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # moto dates every multipart upload 2010: a fresh one would look ancient.
+    emulate_s3_upload_listing(monkeypatch)
 
-    return issubclass(S3Store, OrphanSweeper)
 
-
-@pytest.mark.skipif(not _s3_store_sweeps_orphans(),
-                    reason="S3Store does not implement app.cleanup.OrphanSweeper yet")
-async def test_s3_orphans_are_swept(store_harness_s3: StoreHarness, s3_client: Any) -> None:
+async def test_s3_orphans_are_swept(store_harness_s3: StoreHarness, s3_client: Any,
+                                    s3_like_upload_listing: None) -> None:
     harness = store_harness_s3
     store = await harness.open()
     bucket, prefix = harness.storage.s3.bucket, harness.storage.s3.prefix
-    live = await create(store, "live.bin", b"x" * 10)
-    # A multipart upload under the prefix that no session record knows.
+    # Crash leftovers, made straight in the bucket: a multipart upload no
+    # session record knows, and staged data of a session that is gone...
     stray = s3_client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}stray.bin")
-    # One outside the prefix is someone else's business.
-    outside = s3_client.create_multipart_upload(Bucket=bucket, Key="other/upload.bin")
-    # Staged data of a session that has no record.
-    s3_client.put_object(Bucket=bucket, Key=f"{prefix}.uploads/staged/deadbeef/"
-                         f"{0:020d}", Body=b"y" * 50)
-    now = time.time() + 2 * HOUR
+    s3_client.upload_part(Bucket=bucket, Key=f"{prefix}stray.bin", UploadId=stray["UploadId"],
+                          PartNumber=1, Body=b"p" * 100)
+    staged_key = f"{prefix}.uploads/staged/deadbeef/{0:020d}"
+    s3_client.put_object(Bucket=bucket, Key=staged_key, Body=b"y" * 50)
+    # ... and a session record whose multipart upload was aborted.
+    await create(store, "dead.bin", b"d" * 10)
+    dead_id = s3_client.list_multipart_uploads(
+        Bucket=bucket, Prefix=f"{prefix}dead.bin")["Uploads"][0]["UploadId"]
+    s3_client.abort_multipart_upload(Bucket=bucket, Key=f"{prefix}dead.bin", UploadId=dead_id)
+    dead_record = next(k for k in s3_leftovers(harness, s3_client)[1] if "/sessions/" in k)
+    # Not the store's, or in use: these must survive.
+    s3_client.create_multipart_upload(Bucket=bucket, Key="other/upload.bin")
+    await complete(store, "done.txt", b"finished")
+    mark = time.time()
+    await asyncio.sleep(0.05)
+    active = await create(store, "active.bin", b"x" * 10)
+    now = mark + HOUR
 
-    dry = await run_cleanup(store, older_than=HOUR, now=now, dry_run=True)
-    assert dry.orphans >= 2
-    mpus, _ = s3_leftovers(harness, s3_client)
-    assert f"{prefix}stray.bin" in mpus
+    before = s3_leftovers(harness, s3_client)
+    actions: list[CleanupAction] = []
+    dry = await run_cleanup(store, older_than=HOUR, now=now, dry_run=True,
+                            on_action=actions.append)
+    assert s3_leftovers(harness, s3_client) == before
+    assert (dry.aborted, dry.orphans, dry.errors) == (1, 3, 0)
+    assert sorted(a.target for a in actions if a.verb == "would remove") == [
+        f"orphan multipart_upload {prefix}stray.bin",
+        f"orphan session_record {dead_record}",
+        f"orphan staged_data {staged_key}",
+    ]
 
     # Fresh orphans (younger than the threshold) are left: a create may be
     # between starting its multipart upload and writing its record.
     young = await run_cleanup(store, older_than=HOUR, now=time.time())
-    assert young.orphans == 0
+    assert (young.aborted, young.orphans, young.errors) == (0, 0, 0)
+    assert s3_leftovers(harness, s3_client) == before
 
-    report = await run_cleanup(store, older_than=HOUR, now=now)
-    assert report.errors == 0
-    assert report.orphans >= 2
+    actions.clear()
+    report = await run_cleanup(store, older_than=HOUR, now=now, on_action=actions.append)
+    # The record without its upload is idle too: the job aborts it as an
+    # upload before it sweeps, so only two orphans are left by then.
+    assert (report.aborted, report.orphans, report.errors) == (1, 2, 0)
+    assert report.bytes_freed == 10 + 100 + 50
+    assert f"removed orphan multipart_upload {prefix}stray.bin idle 1h 100 bytes" in [
+        a.line() for a in actions
+    ]
     mpus, keys = s3_leftovers(harness, s3_client)
-    assert f"{prefix}stray.bin" not in mpus
-    assert "other/upload.bin" in mpus
-    assert not [k for k in keys if "deadbeef" in k]
-    # The live upload was stale too (now is in the future) and was aborted as
-    # an upload, not as an orphan; nothing of it remains either way.
-    assert live.name not in await unfinished_names(store)
-    del stray, outside
+    assert sorted(mpus) == sorted([f"{prefix}active.bin", "other/upload.bin"])
+    assert staged_key not in keys and dead_record not in keys
+    assert await unfinished_names(store) == {"active.bin"}
+    assert (await store.get("active.bin")).offset == active.offset
+    assert (await store.get("done.txt")).is_complete
+    assert read_object(harness, s3_client, "done.txt") == b"finished"
+
+    again = await run_cleanup(store, older_than=HOUR, now=now)
+    assert again == CleanupReport(scanned=1)
 
 
 @pytest.fixture

@@ -13,22 +13,30 @@ import itertools
 import os
 import random
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import pytest
 
+from app.cleanup import NotAnOrphan, Orphan, OrphanSweeper
 from app.config import Config
 from app.config import replace as config_replace
 from app.errors import OffsetMismatch, StorageUnavailable, TooLarge, TotalMismatch
+from app.metrics import Metrics, MetricsAware
 from app.protocol import MAX_OBJECT_SIZE, MAX_PARTS, MIB
 from app.stores.base import CallbackOutbox, HealthCheck, UploadInfo
-from app.stores.s3 import S3Store
+from app.stores.s3 import S3Store, _Record
 from tests.stores.fixtures import storage_config
 
 P = 5 * MIB
 PREFIX = "uploads/"
+HOUR = 3600.0
 
 OpenStore = Callable[..., Awaitable[S3Store]]
 
@@ -475,3 +483,286 @@ async def test_create_bucket_when_configured(tmp_path, moto_endpoint, s3_client)
     finally:
         await store.close()
     s3_client.head_bucket(Bucket=name)
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+def s3_calls(metrics: Metrics, operation: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "upload_proxy_s3_request_duration_seconds_count", {"operation": operation})
+    return value or 0.0
+
+
+async def test_attached_metrics_time_the_stores_s3_calls(open_s3):
+    store = await open_s3()
+    assert isinstance(store, MetricsAware)
+    metrics = Metrics()
+    store.attach_metrics(metrics)
+    store.attach_metrics(metrics)  # a second attach must not count twice
+    data = payload(P + 1000, seed=7)
+    # Total unknown while writing: part 1 is uploaded, the rest staged.
+    info = await store.write(await create(store, "metered.bin", None), stream(data))
+    assert s3_calls(metrics, "UploadPart") == 1
+    # The record's creation, the staged tail and the record's update.
+    assert s3_calls(metrics, "PutObject") >= 3
+    info = await store.write(info, stream(b""), total=len(data))
+    await store.finish(info)
+    # The staged tail went up as part 2 on finish.
+    assert s3_calls(metrics, "UploadPart") == 2
+    assert s3_calls(metrics, "CreateMultipartUpload") == 1
+    assert s3_calls(metrics, "CompleteMultipartUpload") == 1
+
+
+# -- orphans ---------------------------------------------------------------------------
+
+#: moto 5 reports every multipart upload as initiated on 2010-11-10 and answers
+#: ListMultipartUploads in one page whatever max-uploads says; orphan ages and
+#: paging need what S3 does.
+_MOTO_INITIATED = "_test_initiated"
+_MOTO_EPOCH = datetime(2010, 11, 10, 20, 48, 33, tzinfo=UTC)
+
+
+def emulate_s3_upload_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the in-process moto server list multipart uploads like S3: real
+    initiation times, ordered by key then initiation, pages of at most 1,000
+    with key/upload-id markers."""
+    from moto.core.responses import ActionResult
+    from moto.s3.models import FakeMultipart
+    from moto.s3.responses import S3Response
+
+    original_init = FakeMultipart.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        setattr(self, _MOTO_INITIATED, datetime.now(UTC))
+
+    def list_multipart_uploads(self: Any) -> Any:
+        def arg(name: str) -> str | None:
+            return self.querystring.get(name, [None])[0]
+
+        prefix = arg("prefix") or ""
+        limit = min(int(arg("max-uploads") or 1000), 1000)
+        key_marker, id_marker = arg("key-marker"), arg("upload-id-marker")
+        uploads = sorted(
+            (u for u in self.backend.list_multipart_uploads(self.bucket_name).values()
+             if u.key_name.startswith(prefix)),
+            key=lambda u: (u.key_name, getattr(u, _MOTO_INITIATED, _MOTO_EPOCH)),
+        )
+        start = 0
+        if key_marker:
+            after = [i + 1 for i, u in enumerate(uploads)
+                     if u.key_name == key_marker and u.id == id_marker]
+            start = after[0] if after else sum(1 for u in uploads if u.key_name <= key_marker)
+        page = uploads[start:start + limit]
+        truncated = start + limit < len(uploads)
+        result: dict[str, Any] = {
+            "Bucket": self.bucket_name, "KeyMarker": key_marker or "",
+            "UploadIdMarker": id_marker or "", "Prefix": prefix, "MaxUploads": limit,
+            "IsTruncated": truncated,
+            "Uploads": [{"Key": u.key_name, "UploadId": u.id, "StorageClass": "STANDARD",
+                         "Initiated": getattr(u, _MOTO_INITIATED, _MOTO_EPOCH)}
+                        for u in page],
+        }
+        if truncated:
+            result["NextKeyMarker"], result["NextUploadIdMarker"] = page[-1].key_name, page[-1].id
+        self.data["Action"] = "ListMultipartUploads"
+        return self.serialized(ActionResult(result))
+
+    monkeypatch.setattr(FakeMultipart, "__init__", init)
+    monkeypatch.setattr(S3Response, "list_multipart_uploads", list_multipart_uploads)
+
+
+@pytest.fixture
+def s3_like_upload_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    emulate_s3_upload_listing(monkeypatch)
+
+
+def record_key(name: str) -> str:
+    return f"{PREFIX}.uploads/sessions/{hashlib.sha256(name.encode()).hexdigest()}.json"
+
+
+def upload_id_of(s3_client, bucket: str, key: str) -> str:
+    uploads = s3_client.list_multipart_uploads(Bucket=bucket, Prefix=key)["Uploads"]
+    assert len(uploads) == 1
+    return uploads[0]["UploadId"]
+
+
+def stray_upload(s3_client, bucket: str, key: str, part: bytes = b"") -> str:
+    """A multipart upload no session record knows (a create that died)."""
+    upload_id = s3_client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    if part:
+        s3_client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1,
+                              Body=part)
+    return upload_id
+
+
+def found(orphans: list[Orphan]) -> set[tuple[str, str]]:
+    return {(o.kind, o.key) for o in orphans}
+
+
+async def test_s3_store_is_an_orphan_sweeper(open_s3):
+    assert isinstance(await open_s3(), OrphanSweeper)
+
+
+async def test_find_orphans_finds_each_kind_and_nothing_in_use(
+    open_s3, s3_client, bucket, s3_like_upload_listing
+):
+    store = await open_s3()
+    # In use: an upload with a full part and a staged tail, a finished upload,
+    # a pending callback, and an upload whose finish completed the object but
+    # crashed before the record said so (a retried finish still needs it).
+    active_data = payload(P + 10, seed=8)
+    active = await store.write(await create(store, "active.bin", None), stream(active_data))
+    await store.finish(await store.write(await create(store, "done.bin", 3), stream(b"abc")))
+    await store.save_pending("cb-1", b"callback")
+    crashed = await store.write(await create(store, "crashed.bin", P), stream(payload(P)))
+    crashed_id = upload_id_of(s3_client, bucket, PREFIX + "crashed.bin")
+    part = s3_client.list_parts(Bucket=bucket, Key=PREFIX + "crashed.bin",
+                                UploadId=crashed_id)["Parts"][0]
+    s3_client.complete_multipart_upload(
+        Bucket=bucket, Key=PREFIX + "crashed.bin", UploadId=crashed_id,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+    # Not the store's: outside its prefix.
+    outside_id = stray_upload(s3_client, bucket, "elsewhere/x.bin")
+    s3_client.put_object(Bucket=bucket, Key="elsewhere/.uploads/staged/d/0-x", Body=b"o")
+
+    # Orphans: a multipart upload without a record; a record whose multipart
+    # upload was aborted (its named staged tail goes with it); staged data of a
+    # session that is gone; and a losing write's segment in a live session.
+    stray_upload(s3_client, bucket, PREFIX + "stray.bin", part=b"p" * 100)
+    dead = await store.write(await create(store, "dead.bin", None), stream(b"d" * 10))
+    s3_client.abort_multipart_upload(Bucket=bucket, Key=PREFIX + "dead.bin",
+                                     UploadId=upload_id_of(s3_client, bucket, PREFIX + "dead.bin"))
+    gone_key = f"{staged_prefix('f' * 32)}{0:020d}-0123456789abcdef"
+    s3_client.put_object(Bucket=bucket, Key=gone_key, Body=b"g" * 50)
+    losing_key = f"{staged_prefix(active.session_id)}{P:020d}-fedcba9876543210"
+    s3_client.put_object(Bucket=bucket, Key=losing_key, Body=b"lost")
+
+    # Everything is young yet: a create may be between its multipart upload
+    # and its record, a write between its staged object and its record.
+    assert await store.find_orphans(HOUR, time.time()) == []
+
+    later = time.time() + 2 * HOUR
+    orphans = await store.find_orphans(HOUR, later)
+    assert found(orphans) == {
+        ("multipart_upload", PREFIX + "stray.bin"),
+        ("session_record", record_key("dead.bin")),
+        ("staged_data", gone_key),
+        ("staged_data", losing_key),
+    }
+    by_key = {o.key: o for o in orphans}
+    dead_record = s3_client.get_object(Bucket=bucket, Key=record_key("dead.bin"))["Body"].read()
+    assert by_key[PREFIX + "stray.bin"].size == 100
+    assert by_key[PREFIX + "stray.bin"].upload_id is not None
+    assert by_key[record_key("dead.bin")].size == len(dead_record) + 10
+    assert (by_key[gone_key].size, by_key[losing_key].size) == (50, 4)
+    assert all(time.time() - HOUR < o.last_modified <= time.time() for o in orphans)
+
+    # A fresh instance (a separate cleanup process) removes them.
+    sweeper = await open_s3()
+    freed = {o.key: await sweeper.remove_orphan(o) for o in orphans}
+    assert freed == {o.key: o.size for o in orphans}
+    assert [await sweeper.remove_orphan(o) for o in orphans] == [0, 0, 0, 0]  # gone already
+
+    uploads = s3_client.list_multipart_uploads(Bucket=bucket)["Uploads"]
+    assert sorted(u["Key"] for u in uploads) == ["elsewhere/x.bin", PREFIX + "active.bin"]
+    assert outside_id in {u["UploadId"] for u in uploads}
+    left = keys(s3_client, bucket)
+    assert not [k for k in left if dead.session_id in k or "f" * 32 in k or k == losing_key]
+    assert "elsewhere/.uploads/staged/d/0-x" in left
+    assert await store.list_pending() == [("cb-1", b"callback")]
+    assert read_object(s3_client, bucket, "done.bin") == b"abc"
+    assert (await store.get("crashed.bin")).offset == P
+    assert (await store.finish(crashed)).is_complete
+    assert await sweeper.find_orphans(HOUR, later) == []
+    # The live upload carries on untouched.
+    info = await store.write(await store.get("active.bin"), stream(b"!"), total=P + 11)
+    await store.finish(info)
+    assert read_object(s3_client, bucket, "active.bin") == active_data + b"!"
+
+
+async def test_remove_orphan_checks_again_before_removing(
+    open_s3, s3_client, bucket, s3_like_upload_listing
+):
+    store = await open_s3()
+    late_id = stray_upload(s3_client, bucket, PREFIX + "late.bin")
+    await store.write(await create(store, "dead.bin", None), stream(b"d" * 10))
+    s3_client.abort_multipart_upload(Bucket=bucket, Key=PREFIX + "dead.bin",
+                                     UploadId=upload_id_of(s3_client, bucket, PREFIX + "dead.bin"))
+    orphans = {o.key: o for o in await store.find_orphans(HOUR, time.time() + 2 * HOUR)}
+    assert set(orphans) == {PREFIX + "late.bin", record_key("dead.bin")}
+
+    # A create that was slow to write its record does so now...
+    now = time.time()
+    late = _Record(name="late.bin", session_id="a" * 32, upload_id=late_id, offset=0,
+                   total=None, part_size=P, crc32c=0, content_type="x", metadata={},
+                   owner=None, created_at=now, updated_at=now, checksum_algorithm=None)
+    await store._put_record(late, if_match=None)
+    # ... and a client starts the dead upload over.
+    await create(store, "dead.bin", None)
+
+    for orphan in orphans.values():
+        with pytest.raises(NotAnOrphan):
+            await store.remove_orphan(orphan)
+    await store.write(await store.get("late.bin"), stream(b"late"))
+    assert (await store.get("dead.bin")).offset == 0
+    assert len(s3_client.list_multipart_uploads(Bucket=bucket)["Uploads"]) == 2
+
+    # Nothing outside the store's areas is removed, whatever it is called.
+    s3_client.put_object(Bucket=bucket, Key="outside.bin", Body=b"x")
+    outside_id = stray_upload(s3_client, bucket, "other/late.bin")
+    for orphan in (Orphan("staged_data", "outside.bin"),
+                   Orphan("session_record", "outside.bin"),
+                   Orphan("multipart_upload", "other/late.bin", upload_id=outside_id)):
+        with pytest.raises(NotAnOrphan):
+            await store.remove_orphan(orphan)
+    assert s3_client.get_object(Bucket=bucket, Key="outside.bin")["Body"].read() == b"x"
+    assert upload_id_of(s3_client, bucket, "other/late.bin") == outside_id
+
+
+async def test_unreadable_records_keep_what_they_may_refer_to(
+    open_s3, s3_client, bucket, s3_like_upload_listing
+):
+    store = await open_s3()
+    s3_client.put_object(Bucket=bucket, Key=record_key("broken.bin"), Body=b"{not json")
+    stray_upload(s3_client, bucket, PREFIX + "broken.bin")
+    s3_client.put_object(Bucket=bucket, Key=f"{staged_prefix('e' * 32)}{0:020d}-x", Body=b"s")
+    stray_upload(s3_client, bucket, PREFIX + "stray.bin")
+    orphans = await store.find_orphans(HOUR, time.time() + 2 * HOUR)
+    assert found(orphans) == {("multipart_upload", PREFIX + "stray.bin")}
+
+
+async def test_find_orphans_pages_through_more_than_1000_uploads(
+    open_s3, s3_client, bucket, s3_like_upload_listing
+):
+    store = await open_s3()
+    metrics = Metrics()
+    store.attach_metrics(metrics)
+    live = await create(store, "m/live.bin", None)
+    names = [f"m/{i:04d}.bin" for i in range(1001)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: stray_upload(s3_client, bucket, PREFIX + name), names))
+    stray_upload(s3_client, bucket, "outside/one.bin")
+    orphans = await store.find_orphans(HOUR, time.time() + 2 * HOUR)
+    assert sorted(o.key for o in orphans) == [PREFIX + name for name in names]
+    assert {o.kind for o in orphans} == {"multipart_upload"}
+    assert s3_calls(metrics, "ListMultipartUploads") == 2
+    assert await store.remove_orphan(orphans[0]) == 0  # no parts: nothing to free
+    assert (await store.get(live.name)).session_id == live.session_id
+
+
+# -- listing -----------------------------------------------------------------------------
+
+
+async def test_list_unfinished_reads_records_concurrently_and_stops_cleanly(open_s3):
+    store = await open_s3()
+    names = [f"list/{i:02d}" for i in range(40)]
+    await asyncio.gather(*(create(store, name, None) for name in names))
+    await store.finish(await store.write(await create(store, "list/done", 1), stream(b"x")))
+    assert sorted([i.name async for i in store.list_unfinished()]) == names
+
+    async with aclosing(store.list_unfinished()) as listing:
+        async for _ in listing:
+            break
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
