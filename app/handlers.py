@@ -199,7 +199,8 @@ def _respond(request: web.Request, outcome: Outcome) -> web.Response:
     if rng is not None:
         headers["Range"] = rng
     # No Location on a 308: HTTP clients would follow it as a redirect.
-    return web.Response(status=308, headers=headers)
+    # GCS's reason phrase: to a human reading curl -i, this is no redirect.
+    return web.Response(status=308, reason="Resume Incomplete", headers=headers)
 
 
 async def put_upload(request: web.Request) -> web.StreamResponse:

@@ -218,6 +218,7 @@ def create_app(
                 redelivery = (
                     asyncio.create_task(_redeliver(notifier)) if notifier.enabled else None
                 )
+                log.info("ready: %s store open, accepting uploads", config.storage.backend)
                 yield
                 if redelivery is not None:
                     redelivery.cancel()
