@@ -420,3 +420,20 @@ async def test_s3_down_mid_upload_is_503_then_resumes(proxies, http, store_harne
     assert resp.status == 200
     assert (await resp.json())["crc32c"] == crc_b64(data)
     assert await stored_object(store_harness, "outage.bin") == data
+
+
+async def test_idle_upload_expires_after_upload_ttl(proxies, http, store_harness) -> None:
+    proxy = await proxies.start(storage={"upload_ttl": "1s"})
+    url = f"{proxy.url}/upload/idle.bin"
+    assert (await put_range(http, url, b"a" * 100, 0, 1000)).status == 308
+    assert (await probe(http, url)).headers["Range"] == "bytes=0-99"
+    await asyncio.sleep(1.3)
+    assert (await probe(http, url)).status == 404
+    assert (await put_range(http, url, b"b" * 100, 100, 1000)).status == 404
+    # Starting again from byte 0 is a new upload.
+    resp = await put_range(http, url, b"c" * 1000, 0, 1000)
+    assert resp.status == 200
+    assert await stored_object(store_harness, "idle.bin") == b"c" * 1000
+    # A completed upload does not expire: repeat requests still get its JSON.
+    await asyncio.sleep(1.3)
+    assert (await probe(http, url)).status == 200
