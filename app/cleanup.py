@@ -9,8 +9,10 @@ write, not its creation) is older than ``--older-than`` is aborted with
 ``Store.cancel``, which removes the multipart upload, the staged data and the
 session record together. Each candidate is read again right before it is
 aborted, so an upload a client resumed while the job ran is left alone.
-Completed uploads are never candidates, and the job only goes through the
-store, which never strays outside its root or prefix.
+Completed objects are never touched; only the session records of uploads
+completed before the threshold are dropped (they serve repeat requests to a
+finished upload, and would otherwise pile up one per object). The job only goes
+through the store, which never strays outside its root or prefix.
 
 Pick ``--older-than`` far above the time the slowest client needs between two
 durable writes (a part: 6 MiB by default; a slow phone at 20 KiB/s needs five
@@ -122,6 +124,8 @@ class CleanupReport:
     aborted: int = 0
     orphans: int = 0
     skipped_active: int = 0
+    #: Session records of long-completed uploads dropped (their objects stay).
+    forgotten: int = 0
     errors: int = 0
     bytes_freed: int = 0
     callbacks_delivered: int = 0
@@ -172,12 +176,14 @@ async def run_cleanup(
     concurrency: int = DEFAULT_CONCURRENCY,
 ) -> CleanupReport:
     """Abort unfinished uploads idle for more than ``older_than`` seconds at
-    ``now`` (a parameter so tests can move time), sweep orphans when the store
-    is an ``OrphanSweeper``, then retry pending completion callbacks."""
+    ``now`` (a parameter so tests can move time), forget session records of
+    uploads completed before then, sweep orphans when the store is an
+    ``OrphanSweeper``, then retry pending completion callbacks."""
     if older_than <= 0:
         raise ValueError("older_than must be positive")
     job = _Cleanup(store, older_than, now, dry_run, on_action, concurrency)
     await job.abort_stale()
+    await job.guarded("completed session records", job.forget_completed())
     if isinstance(store, OrphanSweeper):
         await job.guarded("finding orphans", job.sweep(store))
     if notifier is not None:
@@ -264,7 +270,8 @@ class _Cleanup:
             return
         if not self.dry_run:
             try:
-                await self.store.cancel(info.name)
+                # Only this session: a new upload of the name since the re-check stays.
+                await self.store.cancel(info.name, session_id=info.session_id)
             except UploadNotFound:
                 report.skipped_active += 1
                 self.emit(CleanupAction("skipped", info.name,
@@ -274,6 +281,30 @@ class _Cleanup:
         report.bytes_freed += current.offset
         verb = "would abort" if self.dry_run else "aborted"
         self.emit(CleanupAction(verb, info.name, idle, current.offset))
+
+    async def forget_completed(self) -> None:
+        """Drop the session records of uploads completed before the cutoff.
+
+        They only serve repeat requests to a finished upload (answered 200 with
+        its JSON); kept forever they would pile up, one per object. The objects
+        themselves are never touched."""
+        async with asyncio.TaskGroup() as tasks:
+            async for info in self.store.list_completed():
+                done = info.completed
+                if done is None or done.completed_at > self.cutoff:
+                    continue
+                await self._slots.acquire()
+                tasks.create_task(self._in_slot(info.name, self._forget(info)))
+
+    async def _forget(self, info: UploadInfo) -> None:
+        if not self.dry_run:
+            try:
+                await self.store.cancel(info.name, session_id=info.session_id)
+            except UploadNotFound:
+                return  # replaced or already gone: nothing of it to forget
+        self.report.forgotten += 1
+        self.emit(CleanupAction("would forget" if self.dry_run else "forgot",
+                                f"completed record of {info.name}"))
 
     async def sweep(self, sweeper: OrphanSweeper) -> None:
         orphans = await sweeper.find_orphans(self.older_than, self.now)

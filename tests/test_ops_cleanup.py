@@ -33,7 +33,7 @@ from app.cleanup import (
     run_cleanup,
 )
 from app.config import config_from_mapping, load_config
-from app.errors import StorageUnavailable
+from app.errors import StorageUnavailable, UploadNotFound
 from app.stores import open_store
 from app.stores.base import Store, UploadInfo
 from tests.relay import TcpRelay
@@ -156,6 +156,9 @@ async def test_cleanup_aborts_stale_uploads_and_nothing_else(
     mark = time.time()
     await asyncio.sleep(0.05)
     active = await create(store, "active/keep.bin", b"still being written")
+    # Completed after the cutoff: its record is kept for repeat requests.
+    recent = "done/recent.txt"
+    await complete(store, recent, b"just finished")
     assert active.updated_at > mark
 
     actions: list[CleanupAction] = []
@@ -167,7 +170,7 @@ async def test_cleanup_aborts_stale_uploads_and_nothing_else(
     print(f"\n[{store_harness.kind}] created {count} uploads in {created_in:.1f}s; "
           f"cleanup took {took:.1f}s\n{report.summary_line()}")
     assert report == CleanupReport(
-        scanned=count + 1, aborted=count, bytes_freed=sum(sizes.values())
+        scanned=count + 1, aborted=count, forgotten=len(done), bytes_freed=sum(sizes.values())
     )
     assert sorted(a.target for a in actions if a.verb == "aborted") == names
     line = next(a.line() for a in actions if a.target == names[7])
@@ -178,10 +181,13 @@ async def test_cleanup_aborts_stale_uploads_and_nothing_else(
     current = await store.get("active/keep.bin")
     assert current.offset == len(b"still being written")
     await store.write(current, chunks(b"!"))
-    # Finished objects and whatever else lives there are untouched.
+    # Finished objects and whatever else lives there are untouched; only the
+    # session records of the long-completed uploads are gone.
     for name, data in done.items():
-        assert (await store.get(name)).is_complete
+        with pytest.raises(UploadNotFound):
+            await store.get(name)
         assert read_object(store_harness, s3, name) == data
+    assert (await store.get(recent)).is_complete
     for key, data in bystanders.items():
         assert read_bystander(store_harness, s3, key) == data
     if store_harness.kind == "s3":
@@ -223,9 +229,9 @@ async def test_dry_run_touches_nothing(
     report = await run_cleanup(
         store, older_than=HOUR, now=time.time() + HOUR, dry_run=True, on_action=actions.append
     )
-    assert report == CleanupReport(scanned=20, aborted=20, bytes_freed=sum(range(20)),
-                                   dry_run=True)
-    assert {a.verb for a in actions} == {"would abort"}
+    assert report == CleanupReport(scanned=20, aborted=20, forgotten=1,
+                                   bytes_freed=sum(range(20)), dry_run=True)
+    assert {a.verb for a in actions} == {"would abort", "would forget"}
     assert "would abort dry/5.bin idle 1h 5 bytes" in [a.line() for a in actions]
     assert backend_state(store_harness, s3_client_or_none) == before
     assert await unfinished_names(store) == set(names)
@@ -277,10 +283,10 @@ class FailsToCancel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def cancel(self, name: str) -> None:
+    async def cancel(self, name: str, *, session_id: str | None = None) -> None:
         if name == self._broken:
             raise StorageUnavailable("S3 AbortMultipartUpload failed: InternalError: boom")
-        await self._store.cancel(name)
+        await self._store.cancel(name, session_id=session_id)
 
 
 async def test_a_failed_abort_is_counted_and_the_rest_go_on(store_harness) -> None:
@@ -547,19 +553,20 @@ async def test_script_cleans_the_filesystem_store(tmp_path: Path, module: bool) 
                                   "1s", "--dry-run", module=module, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert len(await unfinished_names(store)) == 2
-    assert re.fullmatch(r"would abort old/a\.mp4 idle \d+s 1234 bytes",
-                        sorted(dry.stdout.splitlines())[-2]), dry.stdout
+    assert any(re.fullmatch(r"would abort old/a\.mp4 idle \d+s 1234 bytes", line)
+               for line in dry.stdout.splitlines()), dry.stdout
+    assert "would forget completed record of done.txt" in dry.stdout.splitlines()
 
     result = await asyncio.to_thread(run_script, "--config", str(config_path), "--older-than",
                                      "1s", "--json", module=module, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary == {"scanned": 2, "aborted": 2, "orphans": 0, "skipped_active": 0,
-                       "errors": 0, "bytes_freed": 1234, "callbacks_delivered": 0,
-                       "callbacks_pending": 0, "dry_run": False}
+                       "forgotten": 1, "errors": 0, "bytes_freed": 1234,
+                       "callbacks_delivered": 0, "callbacks_pending": 0, "dry_run": False}
     # With --json the action lines go to stderr, so stdout stays one JSON object.
     assert sorted(line.split(" idle ")[0] for line in result.stderr.splitlines()) == [
-        "aborted old/a.mp4", "aborted old/b.mp4"]
+        "aborted old/a.mp4", "aborted old/b.mp4", "forgot completed record of done.txt"]
     assert await unfinished_names(store) == set()
     assert (root / "done.txt").read_bytes() == b"done"
 
@@ -567,8 +574,8 @@ async def test_script_cleans_the_filesystem_store(tmp_path: Path, module: bool) 
                                    "1s", module=module, cwd=tmp_path)
     assert text.returncode == 0, text.stderr
     assert text.stdout.splitlines() == [
-        "summary scanned=0 aborted=0 orphans=0 skipped_active=0 errors=0 bytes_freed=0 "
-        "callbacks_delivered=0 callbacks_pending=0 dry_run=false"]
+        "summary scanned=0 aborted=0 orphans=0 skipped_active=0 forgotten=0 errors=0 "
+        "bytes_freed=0 callbacks_delivered=0 callbacks_pending=0 dry_run=false"]
 
 
 def s3_config(path: Path, endpoint: str, bucket: str) -> Path:

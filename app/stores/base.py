@@ -152,12 +152,21 @@ class Store(Protocol):
         Idempotent: a completed upload is returned as it is."""
         ...
 
-    async def cancel(self, name: str) -> None:
-        """Discard an upload and all its stored data; ``UploadNotFound`` if none."""
+    async def cancel(self, name: str, *, session_id: str | None = None) -> None:
+        """Discard an upload and all its stored data; ``UploadNotFound`` if none.
+        For a completed upload only its session record goes: the object stays.
+        With ``session_id``, only that session is discarded: if ``name`` now
+        holds another one (replaced meanwhile), ``UploadNotFound`` is raised and
+        nothing changes."""
         ...
 
     def list_unfinished(self) -> AsyncIterator[UploadInfo]:
         """Every unfinished upload, in no particular order (for the cleanup job)."""
+        ...
+
+    def list_completed(self) -> AsyncIterator[UploadInfo]:
+        """Every completed upload whose session record is still kept, so the
+        cleanup job can forget old ones."""
         ...
 
     async def close(self) -> None:

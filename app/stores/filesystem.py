@@ -372,16 +372,22 @@ class FilesystemStore:
         self._check_name_text(info.name)
         return await _in_thread(self._finish, info, md5)
 
-    async def cancel(self, name: str) -> None:
+    async def cancel(self, name: str, *, session_id: str | None = None) -> None:
         self._check_name_text(name)
-        await _in_thread(self._cancel, name)
+        await _in_thread(self._cancel, name, session_id)
 
-    async def list_unfinished(self) -> AsyncIterator[UploadInfo]:
+    def list_unfinished(self) -> AsyncIterator[UploadInfo]:
+        return self._list_sessions(completed=False)
+
+    def list_completed(self) -> AsyncIterator[UploadInfo]:
+        return self._list_sessions(completed=True)
+
+    async def _list_sessions(self, *, completed: bool) -> AsyncIterator[UploadInfo]:
         files = await _in_thread(self._list_dir, self._sessions_dir, ".json")
         for start in range(0, len(files), _LIST_BATCH):
             infos = await _in_thread(self._read_sidecars, files[start : start + _LIST_BATCH])
             for info in infos:
-                if info.completed is None:
+                if info.is_complete == completed:
                     yield info
 
     # -- HealthCheck ---------------------------------------------------------
@@ -1010,17 +1016,19 @@ class FilesystemStore:
             except OSError as exc:
                 raise _unavailable("flush the directory of", self._object_path(name), exc) from exc
 
-    def _cancel(self, name: str) -> None:
+    def _cancel(self, name: str, session_id: str | None = None) -> None:
         with self._locked(name):
-            self._cancel_locked(name)
+            self._cancel_locked(name, session_id)
 
-    def _cancel_locked(self, name: str) -> None:
+    def _cancel_locked(self, name: str, session_id: str | None = None) -> None:
         existed = os.path.exists(self._sidecar_path(name))
         info = self._read_sidecar(name, discard_damaged=True)
         if info is None:
             if existed:
                 return  # it was damaged, and is gone now
             raise UploadNotFound(f"no upload in progress for {name!r}")
+        if session_id is not None and info.session_id != session_id:
+            raise UploadNotFound(f"the upload {name!r} was replaced by a newer one")
         data_path = self._data_path(info.session_id)
         if info.completed is not None:
             if os.path.exists(data_path):

@@ -605,6 +605,37 @@ class StoreConformance:
             assert found["l/idle.bin"].updated_at == pytest.approx(idle.updated_at)
             assert all(info.completed is None for info in found.values())
 
+    async def test_cancel_of_a_replaced_session_changes_nothing(
+        self, store_harness: StoreHarness
+    ) -> None:
+        store = await store_harness.open()
+        old = await new_upload(store, "swap.bin")
+        new = await append(store, await new_upload(store, "swap.bin"), b"new bytes")
+        with pytest.raises(UploadNotFound):
+            await store.cancel("swap.bin", session_id=old.session_id)
+        current = await store.get("swap.bin")
+        assert (current.session_id, current.offset) == (new.session_id, len(b"new bytes"))
+        await store.cancel("swap.bin", session_id=new.session_id)
+        with pytest.raises(UploadNotFound):
+            await store.get("swap.bin")
+
+    async def test_list_completed_lists_only_completed_uploads(
+        self, store_harness: StoreHarness, read_object: ObjectReader
+    ) -> None:
+        store = await store_harness.open()
+        await append(store, await new_upload(store, "c/unfinished.bin"), b"x" * 10)
+        done = await store.finish(
+            await append(store, await new_upload(store, "c/done.bin", total=4), b"done")
+        )
+        for instance in (store, await store_harness.open()):
+            found = {info.name: info async for info in instance.list_completed()}
+            assert set(found) == {"c/done.bin"}
+            assert found["c/done.bin"].completed == done.completed
+        # Forgetting the record keeps the object.
+        await store.cancel("c/done.bin", session_id=done.session_id)
+        assert [info async for info in store.list_completed()] == []
+        assert read_object("c/done.bin") == b"done"
+
     async def test_uploads_of_different_names_run_concurrently(
         self, store_harness: StoreHarness, read_object: ObjectReader
     ) -> None:
