@@ -39,35 +39,22 @@ import logging
 import re
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
-    Callable,
     Collection,
-    Iterable,
     Mapping,
 )
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import google_crc32c
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
+from botocore.exceptions import ClientError
 
-from app.cleanup import NotAnOrphan, Orphan
 from app.config import StorageConfig
 from app.digests import crc32c_b64, crc32c_extend
 from app.errors import (
@@ -82,236 +69,37 @@ from app.errors import (
 from app.metrics import instrument_s3_client
 from app.protocol import MAX_OBJECT_SIZE, MAX_PARTS, RESERVED_PREFIX, choose_part_size
 from app.stores.base import CompletedObject, UploadInfo
+from app.stores.s3_errors import (
+    _CONFLICT_CODES,
+    _MISSING_KEY_CODES,
+    _NO_UPLOAD_CODES,
+    _TRANSPORT_ERRORS,
+    _S3Refusal,
+    _translate,
+    _transport_reason,
+)
+from app.stores.s3_orphans import _READ_CONCURRENCY, S3OrphanSweeper
+from app.stores.s3_records import (
+    _SESSION_META,
+    _parse_listed,
+    _Record,
+    _Segment,
+    _StagedCache,
+)
 
 if TYPE_CHECKING:
     from app.metrics import Metrics
 
 log = logging.getLogger("app.stores.s3")
 
-_RECORD_FORMAT = 1
-#: Object metadata key tying a finished object to the session that wrote it, so a
-#: retried finish can tell "already completed by me" from "gone".
-_SESSION_META = "upload-session"
 #: Past this many staged segments in one part, a write folds them into one
 #: object, so a client sending tiny chunks cannot grow the record without bound.
 _MAX_STAGED_SEGMENTS = 32
 #: The staged-bytes cache holds this many (configured) parts' worth in total.
 _CACHE_PARTS = 4
 _DELETE_BATCH = 1000
-#: S3 requests one listing pass keeps in flight (record reads, ListParts of
-#: orphan candidates): one GET per record is the price of the layout, and done
-#: one at a time it dominates a big listing; more would crowd the pool the
-#: uploads share.
-_READ_CONCURRENCY = 16
-_TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError)
-_CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
-_MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-_NO_UPLOAD_CODES = frozenset({"NoSuchUpload"})
-#: Providers without conditional deletes answer DeleteObject + If-Match so.
-_UNSUPPORTED_CODES = frozenset({"NotImplemented", "501"})
 _HEADER_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _CAMEL_WORD = re.compile(r"(?<!^)(?=[A-Z])")
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-
-class _S3Refusal(Exception):
-    """A ClientError whose code the caller asked to handle itself. Private: every
-    call site catches it, so it never leaves this module."""
-
-    def __init__(self, operation: str, code: str, message: str) -> None:
-        super().__init__(f"{operation}: {code}")
-        self.operation = operation
-        self.code = code
-        self.message = message
-
-
-# -- the session record ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """One staged object: bytes ``[start, start + length)`` of the upload."""
-
-    start: int
-    length: int
-    crc32c: int
-    #: Unique per write, so two writers at one offset never share a key.
-    token: str
-
-    @property
-    def leaf(self) -> str:
-        return f"{self.start:020d}-{self.token}"
-
-
-@dataclass(frozen=True)
-class _Record:
-    name: str
-    session_id: str
-    upload_id: str
-    offset: int
-    total: int | None
-    part_size: int
-    crc32c: int
-    content_type: str
-    metadata: dict[str, str]
-    owner: str | None
-    created_at: float
-    updated_at: float
-    #: "CRC32C" when the MPU was created with per-part checksums; kept in the
-    #: record so a config change cannot mix modes within one MPU.
-    checksum_algorithm: str | None
-    #: Staged segments covering ``[offset // P * P, offset)`` in order.
-    staged: tuple[_Segment, ...] = ()
-    #: CRC32C of the staged bytes alone: the start of the next part's checksum.
-    tail_crc32c: int = 0
-    completed: CompletedObject | None = None
-
-    def to_json(self) -> bytes:
-        done = self.completed
-        doc: dict[str, Any] = {
-            "format": _RECORD_FORMAT,
-            "name": self.name,
-            "session_id": self.session_id,
-            "upload_id": self.upload_id,
-            "offset": self.offset,
-            "total": self.total,
-            "part_size": self.part_size,
-            "crc32c": self.crc32c,
-            "content_type": self.content_type,
-            "metadata": self.metadata,
-            "owner": self.owner,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "checksum_algorithm": self.checksum_algorithm,
-            "staged": [[s.start, s.length, s.crc32c, s.token] for s in self.staged],
-            "tail_crc32c": self.tail_crc32c,
-            "completed": None if done is None else done.to_json(),
-        }
-        # ASCII escapes keep any metadata text encodable.
-        return json.dumps(doc, separators=(",", ":")).encode("ascii")
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> _Record:
-        doc = json.loads(raw)
-        done = doc.get("completed")
-        return cls(
-            name=str(doc["name"]),
-            session_id=str(doc["session_id"]),
-            upload_id=str(doc["upload_id"]),
-            offset=int(doc["offset"]),
-            total=None if doc["total"] is None else int(doc["total"]),
-            part_size=int(doc["part_size"]),
-            crc32c=int(doc["crc32c"]),
-            content_type=str(doc["content_type"]),
-            metadata={str(k): str(v) for k, v in doc.get("metadata", {}).items()},
-            owner=None if doc.get("owner") is None else str(doc["owner"]),
-            created_at=float(doc["created_at"]),
-            updated_at=float(doc["updated_at"]),
-            checksum_algorithm=doc.get("checksum_algorithm"),
-            staged=tuple(
-                _Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
-            ),
-            tail_crc32c=int(doc.get("tail_crc32c", 0)),
-            completed=None if done is None else CompletedObject.from_json(done),
-        )
-
-    def to_info(self, version: str) -> UploadInfo:
-        return UploadInfo(
-            name=self.name,
-            session_id=self.session_id,
-            offset=self.offset,
-            total=self.total,
-            part_size=self.part_size,
-            crc32c=self.crc32c,
-            content_type=self.content_type,
-            metadata=dict(self.metadata),
-            owner=self.owner,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            completed=self.completed,
-            version=version,
-        )
-
-
-# -- the staged-bytes cache --------------------------------------------------
-
-
-class _StagedCache:
-    """Staged segments this process wrote, so filling a part rarely GETs them
-    back. Bounded, least recently used session evicted first; a miss just reads
-    the bucket, which stays the source of truth."""
-
-    def __init__(self, budget: int) -> None:
-        self._budget = budget
-        self._size = 0
-        self._sessions: OrderedDict[str, dict[str, bytes]] = OrderedDict()
-
-    def put(self, session_id: str, leaf: str, data: bytes) -> None:
-        if len(data) > self._budget:
-            return
-        segments = self._sessions.setdefault(session_id, {})
-        old = segments.pop(leaf, None)
-        if old is not None:
-            self._size -= len(old)
-        segments[leaf] = data
-        self._size += len(data)
-        self._sessions.move_to_end(session_id)
-        while self._size > self._budget and self._sessions:
-            _, evicted = self._sessions.popitem(last=False)
-            self._size -= sum(len(d) for d in evicted.values())
-
-    def get(self, session_id: str, leaf: str) -> bytes | None:
-        segments = self._sessions.get(session_id)
-        if segments is None:
-            return None
-        self._sessions.move_to_end(session_id)
-        return segments.get(leaf)
-
-    def drop(self, session_id: str, leaves: Collection[str] | None = None) -> None:
-        segments = self._sessions.get(session_id)
-        if segments is None:
-            return
-        for leaf in list(segments) if leaves is None else leaves:
-            data = segments.pop(leaf, None)
-            if data is not None:
-                self._size -= len(data)
-        if not segments:
-            del self._sessions[session_id]
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-
-# -- what an orphan sweep lists ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ListedUpload:
-    """One entry of ListMultipartUploads."""
-
-    key: str
-    upload_id: str
-    initiated: float
-
-
-@dataclass
-class _SessionIndex:
-    """What one pass over the session records tells an orphan sweep."""
-
-    #: Listed upload ids an unfinished record refers to (a completed upload's
-    #: multipart upload is garbage if it still exists).
-    upload_ids: set[str] = field(default_factory=set)
-    #: Session id -> (record key, staged leaves it names), unfinished uploads
-    #: only: a completed record names no staged data.
-    sessions: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
-    #: Keys of records that could not be parsed: what they refer to is unknown.
-    unreadable: set[str] = field(default_factory=set)
-    #: Unfinished records old enough whose multipart upload was not listed:
-    #: (record, its key, bytes it holds, its last change).
-    without_upload: list[tuple[_Record, str, int, float]] = field(default_factory=list)
 
 
 # -- one write in progress -----------------------------------------------------
@@ -347,7 +135,7 @@ class _WriteState:
 # -- the store -----------------------------------------------------------------
 
 
-class S3Store:
+class S3Store(S3OrphanSweeper):
     """The ``Store`` contract on S3 multipart uploads (see ``app.stores.base``).
 
     Also a ``HealthCheck`` and a ``CallbackOutbox``.
@@ -646,252 +434,6 @@ class S3Store:
                 log.warning("skipping damaged callback record %s: %r", key, exc)
         found.sort(key=lambda item: item[0])
         return [(callback_id, payload) for _, callback_id, payload in found]
-
-    # -- OrphanSweeper -------------------------------------------------------
-
-    async def find_orphans(self, older_than: float, now: float) -> list[Orphan]:
-        cutoff = now - older_than
-        # Uploads are listed first, records next, staged data last. A session
-        # started after a listing is then either seen by a later one or younger
-        # than the cutoff, so a fresh upload never looks orphaned.
-        uploads = [upload async for upload in self._list_uploads()]
-        index = await self._index_sessions({u.upload_id for u in uploads}, cutoff)
-        if index.unreadable:
-            log.warning("%d session records are unreadable: multipart uploads and staged "
-                        "data they may refer to are not swept", len(index.unreadable))
-        orphans = await self._orphan_uploads(uploads, index, cutoff)
-        orphans += await self._orphan_records(index)
-        orphans += await self._orphan_staged(index, cutoff)
-        return orphans
-
-    async def remove_orphan(self, orphan: Orphan) -> int:
-        if orphan.kind == "multipart_upload":
-            return await self._remove_upload(orphan)
-        if orphan.kind == "staged_data":
-            return await self._remove_staged(orphan)
-        if orphan.kind == "session_record":
-            return await self._remove_record(orphan)
-        raise NotAnOrphan(f"the S3 store has no orphans of kind {orphan.kind!r}")
-
-    async def _index_sessions(self, listed_ids: set[str], cutoff: float) -> _SessionIndex:
-        """One pass over the records: what they refer to, and the unfinished
-        ones whose multipart upload was not in ``listed_ids``."""
-        index = _SessionIndex()
-        async with aclosing(self._scan_records()) as records:
-            async for item, loaded in records:
-                key = str(item["Key"])
-                if loaded is None:
-                    continue  # deleted since it was listed: it refers to nothing now
-                record = _parse_listed(key, loaded[0])
-                if record is None:
-                    index.unreadable.add(key)
-                    continue
-                if record.completed is not None:
-                    # Its multipart upload is gone, unless the abort after an
-                    # empty upload's PutObject failed: that one is garbage.
-                    continue
-                if record.upload_id in listed_ids:
-                    index.upload_ids.add(record.upload_id)
-                index.sessions[record.session_id] = (
-                    key, frozenset(segment.leaf for segment in record.staged)
-                )
-                changed = max(_timestamp(item.get("LastModified")), record.updated_at)
-                if record.upload_id not in listed_ids and changed <= cutoff:
-                    size = len(loaded[0]) + sum(segment.length for segment in record.staged)
-                    index.without_upload.append((record, key, size, changed))
-        return index
-
-    async def _orphan_uploads(
-        self, uploads: list[_ListedUpload], index: _SessionIndex, cutoff: float
-    ) -> list[Orphan]:
-        candidates = [
-            upload for upload in uploads
-            if upload.initiated <= cutoff
-            and upload.upload_id not in index.upload_ids
-            and self._record_key(upload.key[len(self._prefix):]) not in index.unreadable
-        ]
-        # Sized now so that a dry run can tell what a sweep would free.
-        sizes = await _bounded_map(lambda u: self._upload_size(u.key, u.upload_id), candidates)
-        return [
-            Orphan("multipart_upload", upload.key, upload_id=upload.upload_id, size=size,
-                   last_modified=upload.initiated)
-            for upload, size in zip(candidates, sizes, strict=True)
-            if size is not None  # aborted or completed since it was listed
-        ]
-
-    async def _orphan_records(self, index: _SessionIndex) -> list[Orphan]:
-        alive = await _bounded_map(lambda entry: self._why_alive(entry[0]),
-                                   index.without_upload)
-        return [
-            Orphan("session_record", key, size=size, last_modified=changed)
-            for (_, key, size, changed), reason in zip(index.without_upload, alive, strict=True)
-            if reason is None
-        ]
-
-    async def _orphan_staged(self, index: _SessionIndex, cutoff: float) -> list[Orphan]:
-        root = self._staged_root()
-        self._staged_owners = {}
-        orphans: list[Orphan] = []
-        async with aclosing(self._list_objects(root)) as items:
-            async for item in items:
-                key = str(item["Key"])
-                session_id, _, leaf = key[len(root):].partition("/")
-                changed = _timestamp(item.get("LastModified"))
-                if not session_id or not leaf or changed > cutoff:
-                    continue
-                owner = index.sessions.get(session_id)
-                if owner is not None and leaf in owner[1]:
-                    continue
-                if owner is None and index.unreadable:
-                    continue  # the session may be one of the unreadable records
-                orphans.append(Orphan("staged_data", key, size=int(item.get("Size", 0)),
-                                      last_modified=changed))
-                self._staged_owners[key] = None if owner is None else owner[0]
-        return orphans
-
-    async def _remove_upload(self, orphan: Orphan) -> int:
-        upload_id = orphan.upload_id
-        if upload_id is None or not orphan.key.startswith(self._prefix):
-            raise NotAnOrphan("not a multipart upload of this store")
-        size = await self._upload_size(orphan.key, upload_id)
-        if size is None:
-            return 0  # aborted by someone else meanwhile
-        # Checked last, right before the abort: a create that was slow to
-        # write its record may have done so since the sweep listed it.
-        name = orphan.key[len(self._prefix):]
-        current = await self._read_record(name)
-        if current is not None and current[0].upload_id == upload_id \
-                and current[0].completed is None:
-            raise NotAnOrphan(f"the session record of {name!r} refers to it")
-        try:
-            await self._call("AbortMultipartUpload", _NO_UPLOAD_CODES, Bucket=self._bucket,
-                             Key=orphan.key, UploadId=upload_id)
-        except _S3Refusal:
-            return 0
-        return size
-
-    async def _remove_record(self, orphan: Orphan) -> int:
-        if not (orphan.key.startswith(f"{self._reserved}sessions/")
-                and orphan.key.endswith(".json")):
-            raise NotAnOrphan("not a session record of this store")
-        loaded = await self._get_bytes(orphan.key)
-        if loaded is None:
-            return 0
-        raw, etag = loaded
-        record = _parse_listed(orphan.key, raw)
-        # Every record write moves updated_at: a later one means the upload
-        # was replaced, resumed or finished since the sweep looked at it.
-        if record is None or record.completed is not None \
-                or record.updated_at > orphan.last_modified:
-            raise NotAnOrphan("the session record changed since it was found")
-        reason = await self._why_alive(record)
-        if reason is not None:
-            raise NotAnOrphan(reason)
-        if not await self._delete_if_match(orphan.key, etag):
-            return 0
-        # With the record gone nothing can read its staged data any more.
-        await self._delete_keys(
-            [self._staged_key(record.session_id, segment) for segment in record.staged],
-            quiet=True,
-        )
-        self._cache.drop(record.session_id)
-        return len(raw) + sum(segment.length for segment in record.staged)
-
-    async def _remove_staged(self, orphan: Orphan) -> int:
-        root = self._staged_root()
-        session_id, _, leaf = orphan.key[len(root):].partition("/")
-        if not orphan.key.startswith(root) or not session_id or not leaf:
-            raise NotAnOrphan("not staged data of this store")
-        head = await self._head(orphan.key)
-        if head is None:
-            return 0
-        # HEAD dates have whole seconds, listings may have milliseconds.
-        if _timestamp(head.get("LastModified")) > orphan.last_modified + 1:
-            raise NotAnOrphan("it was rewritten since it was found")
-        if orphan.key in self._staged_owners:
-            owner = self._staged_owners[orphan.key]
-        else:
-            owner = await self._session_record_key(session_id)
-        # A session that had no record cannot get one back (ids are never
-        # reused), so only a record that existed needs reading again.
-        if owner is not None:
-            loaded = await self._get_bytes(owner)
-            record = None if loaded is None else _parse_listed(owner, loaded[0])
-            if loaded is not None and record is None:
-                raise NotAnOrphan("its session record is unreadable")
-            if record is not None and record.session_id == session_id \
-                    and record.completed is None \
-                    and any(segment.leaf == leaf for segment in record.staged):
-                raise NotAnOrphan("its upload refers to it")
-        if not await self._delete_if_match(orphan.key, str(head["ETag"])):
-            return 0
-        self._staged_owners.pop(orphan.key, None)
-        self._cache.drop(session_id, [leaf])
-        return int(head.get("ContentLength", 0))
-
-    async def _why_alive(self, record: _Record) -> str | None:
-        """Why an unfinished record is still in use; None if it is not."""
-        try:
-            await self._call(
-                "ListParts", _NO_UPLOAD_CODES, Bucket=self._bucket,
-                Key=self._object_key(record.name), UploadId=record.upload_id, MaxParts=1,
-            )
-            return "its multipart upload exists"
-        except _S3Refusal:
-            pass
-        head = await self._head(self._object_key(record.name))
-        if head is not None and head.get("Metadata", {}).get(_SESSION_META) == record.session_id:
-            # A finish completed the object but died before updating the
-            # record; a retried finish still needs the record to answer.
-            return "its upload was finished"
-        return None
-
-    async def _session_record_key(self, session_id: str) -> str | None:
-        """The key of the unfinished record of ``session_id``, by a full pass
-        (for an orphan that ``find_orphans`` of this instance did not return)."""
-        async with aclosing(self._scan_records()) as records:
-            async for item, loaded in records:
-                if loaded is None:
-                    continue
-                record = _parse_listed(str(item["Key"]), loaded[0])
-                if record is None:
-                    raise NotAnOrphan("some session records are unreadable")
-                if record.session_id == session_id and record.completed is None:
-                    return str(item["Key"])
-        return None
-
-    async def _delete_if_match(self, key: str, etag: str) -> bool:
-        """Delete ``key`` if it is still the version with ``etag``; False if it
-        is gone already, ``NotAnOrphan`` if it changed."""
-        try:
-            await self._call(
-                "DeleteObject", _CONFLICT_CODES | _MISSING_KEY_CODES | _UNSUPPORTED_CODES,
-                Bucket=self._bucket, Key=key, IfMatch=etag,
-            )
-        except _S3Refusal as exc:
-            if exc.code in _MISSING_KEY_CODES:
-                return False
-            if exc.code in _CONFLICT_CODES:
-                raise NotAnOrphan("it changed while it was checked") from None
-            # No conditional deletes on this provider: the checks just made
-            # are all the guard there is.
-            await self._call("DeleteObject", Bucket=self._bucket, Key=key)
-        return True
-
-    async def _upload_size(self, key: str, upload_id: str) -> int | None:
-        """Bytes in a multipart upload's parts; None if it no longer exists."""
-        try:
-            parts = await self._parts(key, upload_id)
-        except _S3Refusal:
-            return None
-        return sum(int(part.get("Size", 0)) for part in parts.values())
-
-    async def _head(self, key: str) -> dict[str, Any] | None:
-        try:
-            return await self._call("HeadObject", _MISSING_KEY_CODES, Bucket=self._bucket,
-                                    Key=key)
-        except _S3Refusal:
-            return None
 
     # -- keys -----------------------------------------------------------------
 
@@ -1418,31 +960,6 @@ class S3Store:
                 raise StorageUnavailable("S3 ListObjectsV2 returned no usable continuation")
             params["ContinuationToken"] = token
 
-    async def _list_uploads(self) -> AsyncIterator[_ListedUpload]:
-        """Every multipart upload under the prefix (ListMultipartUploads pages at 1,000)."""
-        params: dict[str, Any] = {"Bucket": self._bucket, "Prefix": self._prefix}
-        while True:
-            page = await self._call("ListMultipartUploads", **params)
-            for upload in page.get("Uploads", []):
-                key = str(upload["Key"])
-                # Even a backend that ignores Prefix must not widen a sweep.
-                if key.startswith(self._prefix):
-                    yield _ListedUpload(key, str(upload["UploadId"]),
-                                        _timestamp(upload.get("Initiated")))
-            if not page.get("IsTruncated"):
-                return
-            markers = (page.get("NextKeyMarker"), page.get("NextUploadIdMarker"))
-            if not markers[0] or markers == (params.get("KeyMarker"),
-                                             params.get("UploadIdMarker")):
-                raise StorageUnavailable(
-                    "S3 ListMultipartUploads returned no usable next marker"
-                )
-            params["KeyMarker"] = markers[0]
-            if markers[1]:
-                params["UploadIdMarker"] = markers[1]
-            else:
-                params.pop("UploadIdMarker", None)
-
     async def _scan_records(
         self,
     ) -> AsyncIterator[tuple[dict[str, Any], tuple[bytes, str] | None]]:
@@ -1539,64 +1056,6 @@ async def _close_quietly(chunks: AsyncIterable[bytes]) -> None:
         await closer()
     except Exception:
         log.debug("closing the chunk stream failed", exc_info=True)
-
-
-async def _bounded_map(
-    fn: Callable[[_T], Awaitable[_R]], items: Iterable[_T], limit: int = _READ_CONCURRENCY
-) -> list[_R]:
-    """``[await fn(item) for item in items]`` with ``limit`` calls at a time."""
-    semaphore = asyncio.Semaphore(limit)
-
-    async def one(item: _T) -> _R:
-        async with semaphore:
-            return await fn(item)
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(item)) for item in items]
-    except ExceptionGroup as failed:
-        # Callers handle the store's own errors, not groups of them.
-        raise failed.exceptions[0] from None
-    return [task.result() for task in tasks]
-
-
-def _parse_listed(key: str, raw: bytes) -> _Record | None:
-    """A listed session record; None (logged) when it is damaged."""
-    try:
-        return _Record.from_json(raw)
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("skipping damaged session record %s: %r", key, exc)
-        return None
-
-
-def _timestamp(value: object) -> float:
-    """Unix time of an S3 date; infinity (never old) when there is none."""
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return float("inf")
-
-
-def _translate(exc: BaseException, name: str) -> UploadError:
-    if isinstance(exc, UploadError):
-        return exc
-    if isinstance(exc, _S3Refusal) and exc.code in _NO_UPLOAD_CODES:
-        return UploadNotFound(f"the multipart upload of {name!r} no longer exists")
-    if isinstance(exc, _S3Refusal):
-        return StorageUnavailable(f"S3 {exc.operation} failed: {exc.code}: {exc.message}")
-    log.error("unexpected failure writing %r: %r", name, exc)
-    return StorageUnavailable(f"storing {name!r} failed: {type(exc).__name__}")
-
-
-def _transport_reason(exc: BaseException) -> str:
-    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError
-                  | aiohttp.ClientConnectorError):
-        return "cannot connect to S3"
-    if isinstance(exc, ReadTimeoutError | TimeoutError):
-        return "S3 did not answer in time"
-    if isinstance(exc, ConnectionClosedError | aiohttp.ServerDisconnectedError
-                  | aiohttp.ClientPayloadError | ConnectionError):
-        return "the connection to S3 was cut"
-    return type(exc).__name__
 
 
 def _object_metadata(metadata: Mapping[str, str], session_id: str) -> dict[str, str]:

@@ -31,7 +31,8 @@ from app.errors import OffsetMismatch, StorageUnavailable, TooLarge, TotalMismat
 from app.metrics import Metrics, MetricsAware
 from app.protocol import MAX_OBJECT_SIZE, MAX_PARTS, MIB
 from app.stores.base import CallbackOutbox, HealthCheck, UploadInfo
-from app.stores.s3 import S3Store, _Record
+from app.stores.s3 import S3Store
+from app.stores.s3_records import _Record
 from tests.stores.fixtures import storage_config
 
 P = 5 * MIB
