@@ -422,7 +422,7 @@ async def test_s3_orphans_are_swept(store_harness_s3: StoreHarness, s3_client: A
     report = await run_cleanup(store, older_than=HOUR, now=now, on_action=actions.append)
     # The record without its upload is idle too: the job aborts it as an
     # upload before it sweeps, so only two orphans are left by then.
-    assert (report.aborted, report.orphans, report.errors) == (1, 2, 0)
+    assert (report.aborted, report.orphans, report.forgotten, report.errors) == (1, 2, 1, 0)
     assert report.bytes_freed == 10 + 100 + 50
     assert f"removed orphan multipart_upload {prefix}stray.bin idle 1h 100 bytes" in [
         a.line() for a in actions
@@ -432,7 +432,9 @@ async def test_s3_orphans_are_swept(store_harness_s3: StoreHarness, s3_client: A
     assert staged_key not in keys and dead_record not in keys
     assert await unfinished_names(store) == {"active.bin"}
     assert (await store.get("active.bin")).offset == active.offset
-    assert (await store.get("done.txt")).is_complete
+    # The long-completed upload's record is forgotten; its object stays.
+    with pytest.raises(UploadNotFound):
+        await store.get("done.txt")
     assert read_object(harness, s3_client, "done.txt") == b"finished"
 
     again = await run_cleanup(store, older_than=HOUR, now=now)

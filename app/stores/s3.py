@@ -380,20 +380,28 @@ class S3Store(S3OrphanSweeper):
         self._cache.drop(record.session_id)
         return done.to_info(etag)
 
-    async def cancel(self, name: str) -> None:
+    async def cancel(self, name: str, *, session_id: str | None = None) -> None:
         record, _ = await self._load_record(name)
+        if session_id is not None and record.session_id != session_id:
+            raise UploadNotFound(f"the upload {name!r} was replaced by a newer one")
         if record.completed is None:
             await self._discard_session_data(record, quiet=False)
         # A completed upload only loses its record: the object is the client's.
         await self._call("DeleteObject", Bucket=self._bucket, Key=self._record_key(name))
 
-    async def list_unfinished(self) -> AsyncIterator[UploadInfo]:
+    def list_unfinished(self) -> AsyncIterator[UploadInfo]:
+        return self._list_sessions(completed=False)
+
+    def list_completed(self) -> AsyncIterator[UploadInfo]:
+        return self._list_sessions(completed=True)
+
+    async def _list_sessions(self, *, completed: bool) -> AsyncIterator[UploadInfo]:
         async with aclosing(self._scan_records()) as records:
             async for item, loaded in records:
                 if loaded is None:
                     continue  # finished/cancelled while listing
                 record = _parse_listed(str(item["Key"]), loaded[0])
-                if record is not None and record.completed is None:
+                if record is not None and (record.completed is not None) == completed:
                     yield record.to_info(loaded[1])
 
     # -- HealthCheck --------------------------------------------------------
