@@ -104,6 +104,44 @@ class UploadInfo:
     def is_complete(self) -> bool:
         return self.completed is not None
 
+    def to_json(self) -> dict[str, Any]:
+        """The durable fields in a JSON-safe form, for the stores' session
+        records (``version`` is the store's, never stored)."""
+        return {
+            "name": self.name,
+            "session_id": self.session_id,
+            "offset": self.offset,
+            "total": self.total,
+            "part_size": self.part_size,
+            "crc32c": self.crc32c,
+            "content_type": self.content_type,
+            "metadata": dict(self.metadata),
+            "owner": self.owner,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "completed": None if self.completed is None else self.completed.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], version: str | None = None) -> UploadInfo:
+        """Inverse of ``to_json``; raises KeyError/TypeError/ValueError on a damaged record."""
+        total, owner, done = doc["total"], doc.get("owner"), doc.get("completed")
+        return cls(
+            name=str(doc["name"]),
+            session_id=str(doc["session_id"]),
+            offset=int(doc["offset"]),
+            total=None if total is None else int(total),
+            part_size=int(doc["part_size"]),
+            crc32c=int(doc["crc32c"]),
+            content_type=str(doc["content_type"]),
+            metadata={str(k): str(v) for k, v in doc.get("metadata", {}).items()},
+            owner=None if owner is None else str(owner),
+            created_at=float(doc["created_at"]),
+            updated_at=float(doc["updated_at"]),
+            completed=None if done is None else CompletedObject.from_json(done),
+            version=version,
+        )
+
 
 class Store(Protocol):
     """Storage for resumable uploads. All methods are coroutine-safe for

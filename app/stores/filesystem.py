@@ -64,7 +64,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from app.config import StorageConfig
 from app.digests import crc32c_extend
@@ -158,50 +158,14 @@ def _stamp(info: UploadInfo) -> UploadInfo:
 
 
 def _encode_sidecar(info: UploadInfo) -> bytes:
-    done = info.completed
-    doc: dict[str, Any] = {
-        "format": _SIDECAR_FORMAT,
-        "name": info.name,
-        "session_id": info.session_id,
-        "offset": info.offset,
-        "total": info.total,
-        "part_size": info.part_size,
-        "crc32c": info.crc32c,
-        "content_type": info.content_type,
-        "metadata": dict(info.metadata),
-        "owner": info.owner,
-        "created_at": info.created_at,
-        "updated_at": info.updated_at,
-        "completed": None if done is None else done.to_json(),
-    }
+    doc = {"format": _SIDECAR_FORMAT, **info.to_json()}
     # ASCII escapes keep any odd metadata text encodable.
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
 def _decode_sidecar(raw: bytes, path: str) -> UploadInfo:
     try:
-        doc = json.loads(raw)
-        done = doc["completed"]
-        completed = (
-            None if done is None else CompletedObject.from_json(done)
-        )
-        total = doc["total"]
-        return _stamp(
-            UploadInfo(
-                name=str(doc["name"]),
-                session_id=str(doc["session_id"]),
-                offset=int(doc["offset"]),
-                total=None if total is None else int(total),
-                part_size=int(doc["part_size"]),
-                crc32c=int(doc["crc32c"]),
-                content_type=str(doc["content_type"]),
-                metadata={str(k): str(v) for k, v in doc["metadata"].items()},
-                owner=None if doc["owner"] is None else str(doc["owner"]),
-                created_at=float(doc["created_at"]),
-                updated_at=float(doc["updated_at"]),
-                completed=completed,
-            )
-        )
+        return _stamp(UploadInfo.from_json(json.loads(raw)))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageUnavailable(
             f"filesystem store: session record {path} is damaged ({exc!r})"

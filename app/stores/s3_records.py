@@ -8,7 +8,6 @@ import logging
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
 from app.stores.base import CompletedObject, UploadInfo
 
@@ -62,25 +61,13 @@ class _Record:
     completed: CompletedObject | None = None
 
     def to_json(self) -> bytes:
-        done = self.completed
-        doc: dict[str, Any] = {
+        doc = {
             "format": _RECORD_FORMAT,
-            "name": self.name,
-            "session_id": self.session_id,
+            **self.to_info(None).to_json(),
             "upload_id": self.upload_id,
-            "offset": self.offset,
-            "total": self.total,
-            "part_size": self.part_size,
-            "crc32c": self.crc32c,
-            "content_type": self.content_type,
-            "metadata": self.metadata,
-            "owner": self.owner,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
             "checksum_algorithm": self.checksum_algorithm,
             "staged": [[s.start, s.length, s.crc32c, s.token] for s in self.staged],
             "tail_crc32c": self.tail_crc32c,
-            "completed": None if done is None else done.to_json(),
         }
         # ASCII escapes keep any metadata text encodable.
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
@@ -88,44 +75,29 @@ class _Record:
     @classmethod
     def from_json(cls, raw: bytes) -> _Record:
         doc = json.loads(raw)
-        done = doc.get("completed")
+        info = UploadInfo.from_json(doc)
         return cls(
-            name=str(doc["name"]),
-            session_id=str(doc["session_id"]),
+            **{name: getattr(info, name) for name in _SESSION_FIELDS},
             upload_id=str(doc["upload_id"]),
-            offset=int(doc["offset"]),
-            total=None if doc["total"] is None else int(doc["total"]),
-            part_size=int(doc["part_size"]),
-            crc32c=int(doc["crc32c"]),
-            content_type=str(doc["content_type"]),
-            metadata={str(k): str(v) for k, v in doc.get("metadata", {}).items()},
-            owner=None if doc.get("owner") is None else str(doc["owner"]),
-            created_at=float(doc["created_at"]),
-            updated_at=float(doc["updated_at"]),
             checksum_algorithm=doc.get("checksum_algorithm"),
             staged=tuple(
                 _Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
             ),
             tail_crc32c=int(doc.get("tail_crc32c", 0)),
-            completed=None if done is None else CompletedObject.from_json(done),
         )
 
-    def to_info(self, version: str) -> UploadInfo:
+    def to_info(self, version: str | None) -> UploadInfo:
         return UploadInfo(
-            name=self.name,
-            session_id=self.session_id,
-            offset=self.offset,
-            total=self.total,
-            part_size=self.part_size,
-            crc32c=self.crc32c,
-            content_type=self.content_type,
-            metadata=dict(self.metadata),
-            owner=self.owner,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            completed=self.completed,
+            **{name: getattr(self, name) for name in _SESSION_FIELDS},
             version=version,
         )
+
+
+#: The fields a record shares with ``UploadInfo``.
+_SESSION_FIELDS = (
+    "name", "session_id", "offset", "total", "part_size", "crc32c", "content_type",
+    "metadata", "owner", "created_at", "updated_at", "completed",
+)
 
 
 # -- the staged-bytes cache --------------------------------------------------
