@@ -215,8 +215,10 @@ class UploadEngine:
 
     async def cancel(self, name: str, grant: Grant) -> None:
         async with self._writers.hold(name):
-            await self._current(name, grant)
-            await self._store.cancel(name)
+            info = await self._current(name, grant)
+            # Only the session that was checked: another process may have
+            # replaced it since, and that newer upload is not ours to cancel.
+            await self._store.cancel(name, session_id=info.session_id)
             log.info("upload %r cancelled", name)
 
     # -- internals --------------------------------------------------------
