@@ -11,8 +11,8 @@ from aiohttp import web
 
 from app.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, replace
 from app.errors import UploadError
-from app.logs import setup_logging
-from app.server import create_app
+from app.http.app import create_app
+from app.ops.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["cleanup"]:
         # A word rather than an argparse subcommand, so the server's own
         # command line stays exactly what Procfiles and scripts already run.
-        from app.cleanup import main as cleanup_main
+        from app.ops.cleanup import main as cleanup_main
 
         return cleanup_main(argv[1:], prog="python -m app cleanup")
     parser = argparse.ArgumentParser(prog="python -m app", description="Resumable upload proxy")

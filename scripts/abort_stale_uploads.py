@@ -15,7 +15,7 @@ from pathlib import Path
 # Cron runs the file by path: make the project importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.cleanup import main
+from app.ops.cleanup import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="abort_stale_uploads.py"))

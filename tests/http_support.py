@@ -9,9 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
-from app.auth import Authorizer
+from app.auth.webhook import Authorizer
 from app.config import Config, replace
-from app.server import create_app
+from app.http.app import create_app
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from app.auth import (
+from app.auth.webhook import (
     AllowAll,
     AuthRequest,
     Grant,

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from app.callbacks import CompletionNotifier, sign, verify
+from app.callbacks.notifier import CompletionNotifier, sign, verify
 from app.config import CallbacksConfig
 from app.errors import StorageUnavailable
 from app.stores.base import CallbackOutbox

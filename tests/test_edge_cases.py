@@ -16,7 +16,7 @@ import time
 import pytest
 import yarl
 
-from app import keys
+from app.http import keys
 from tests import test_http
 from tests.http_support import raw_request
 from tests.test_http import crc_b64, probe, put_range, stored_object

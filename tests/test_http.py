@@ -17,7 +17,7 @@ import google_crc32c
 import pytest
 import yarl
 
-from app import keys
+from app.http import keys
 from tests.http_support import ProxyFactory, cut_upload, raw_request
 from tests.stores.fixtures import StoreHarness
 

@@ -22,13 +22,13 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from app.callbacks import (
+from app.callbacks.notifier import (
     CALLBACK_ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     verify,
 )
-from app.protocol import RESERVED_PREFIX
+from app.core.protocol import RESERVED_PREFIX
 from tests import test_http
 from tests.conftest import free_port
 from tests.stores.fixtures import StoreHarness

@@ -22,8 +22,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from app.callbacks import CompletionNotifier
-from app.cleanup import (
+from app.callbacks.notifier import CompletionNotifier
+from app.config import config_from_mapping, load_config
+from app.errors import StorageUnavailable, UploadNotFound
+from app.ops.cleanup import (
     CleanupAction,
     CleanupReport,
     NotAnOrphan,
@@ -32,8 +34,6 @@ from app.cleanup import (
     format_idle,
     run_cleanup,
 )
-from app.config import config_from_mapping, load_config
-from app.errors import StorageUnavailable, UploadNotFound
 from app.stores import open_store
 from app.stores.base import Store, UploadInfo
 from tests.relay import TcpRelay

@@ -19,13 +19,13 @@ from aiohttp import web
 from botocore.exceptions import ClientError, EndpointConnectionError
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import keys
-from app.auth import AuthRequest, Grant
+from app.auth.webhook import AuthRequest, Grant
 from app.config import Config, config_from_mapping, replace
 from app.errors import Forbidden
-from app.logs import JsonFormatter
-from app.metrics import Metrics, instrument_s3_client
-from app.server import create_app
+from app.http import keys
+from app.http.app import create_app
+from app.ops.logs import JsonFormatter
+from app.ops.metrics import Metrics, instrument_s3_client
 from tests.relay import TcpRelay
 
 MIB = 1024 * 1024

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import InvalidContentRange, InvalidName, TooLarge
-from app.protocol import (
+from app.core.protocol import (
     MAX_PARTS,
     MIB,
     Chunk,
@@ -16,6 +15,7 @@ from app.protocol import (
     parse_length,
     validate_name,
 )
+from app.errors import InvalidContentRange, InvalidName, TooLarge
 
 
 @pytest.mark.parametrize(

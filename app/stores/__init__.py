@@ -9,9 +9,9 @@ from app.stores.base import Store
 async def open_store(config: StorageConfig) -> Store:
     """Open the configured store; the caller closes it with ``await store.close()``."""
     if config.backend == "s3":
-        from app.stores.s3 import S3Store
+        from app.stores.s3.store import S3Store
 
         return await S3Store.open(config)
-    from app.stores.filesystem import FilesystemStore
+    from app.stores.filesystem.store import FilesystemStore
 
     return await FilesystemStore.open(config)

@@ -34,113 +34,12 @@ implementing it, never by raising ``NotImplementedError``.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from app.core.model import CompletedObject, PendingCallback, UploadInfo
 
-@dataclass(frozen=True)
-class CompletedObject:
-    """Where a finished upload ended up, and its digests."""
-
-    key: str
-    #: Bucket for S3; the store's root directory for the filesystem store.
-    bucket: str
-    size: int
-    etag: str
-    crc32c: int
-    completed_at: float
-    #: Raw MD5 of the object, only when the caller could compute it correctly.
-    md5: bytes | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-safe form for the stores' session records."""
-        doc: dict[str, Any] = dataclasses.asdict(self)
-        doc["md5"] = None if self.md5 is None else base64.b64encode(self.md5).decode("ascii")
-        return doc
-
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> CompletedObject:
-        return cls(
-            key=str(doc["key"]),
-            bucket=str(doc["bucket"]),
-            size=int(doc["size"]),
-            etag=str(doc["etag"]),
-            crc32c=int(doc["crc32c"]),
-            completed_at=float(doc["completed_at"]),
-            md5=None if doc.get("md5") is None else base64.b64decode(doc["md5"]),
-        )
-
-
-@dataclass(frozen=True)
-class UploadInfo:
-    """A snapshot of one upload's durable state."""
-
-    name: str
-    #: Unique per upload attempt: a replaced upload of the same name gets a new one.
-    session_id: str
-    #: Bytes durably stored, counted from the start of the object.
-    offset: int
-    #: Declared size of the whole object; None while unknown.
-    total: int | None
-    #: Part size P fixed at creation (all parts but the last have this size).
-    part_size: int
-    #: CRC32C of bytes [0, offset).
-    crc32c: int
-    content_type: str
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    owner: str | None = None
-    #: Unix times of creation and of the last durable change (last activity).
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    #: Set once the upload is finished.
-    completed: CompletedObject | None = None
-    #: Opaque store token for optimistic concurrency; callers pass it back untouched.
-    version: str | None = None
-
-    @property
-    def is_complete(self) -> bool:
-        return self.completed is not None
-
-    def to_json(self) -> dict[str, Any]:
-        """The durable fields in a JSON-safe form, for the stores' session
-        records (``version`` is the store's, never stored)."""
-        return {
-            "name": self.name,
-            "session_id": self.session_id,
-            "offset": self.offset,
-            "total": self.total,
-            "part_size": self.part_size,
-            "crc32c": self.crc32c,
-            "content_type": self.content_type,
-            "metadata": dict(self.metadata),
-            "owner": self.owner,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "completed": None if self.completed is None else self.completed.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any], version: str | None = None) -> UploadInfo:
-        """Inverse of ``to_json``; raises KeyError/TypeError/ValueError on a damaged record."""
-        total, owner, done = doc["total"], doc.get("owner"), doc.get("completed")
-        return cls(
-            name=str(doc["name"]),
-            session_id=str(doc["session_id"]),
-            offset=int(doc["offset"]),
-            total=None if total is None else int(total),
-            part_size=int(doc["part_size"]),
-            crc32c=int(doc["crc32c"]),
-            content_type=str(doc["content_type"]),
-            metadata={str(k): str(v) for k, v in doc.get("metadata", {}).items()},
-            owner=None if owner is None else str(owner),
-            created_at=float(doc["created_at"]),
-            updated_at=float(doc["updated_at"]),
-            completed=None if done is None else CompletedObject.from_json(done),
-            version=version,
-        )
+__all__ = ["CompletedObject", "PendingCallback", "UploadInfo"]
 
 
 class Store(Protocol):

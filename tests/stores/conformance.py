@@ -24,6 +24,7 @@ from pathlib import Path
 import google_crc32c
 import pytest
 
+from app.core.protocol import choose_part_size
 from app.errors import (
     BadRequest,
     OffsetMismatch,
@@ -31,7 +32,6 @@ from app.errors import (
     TotalMismatch,
     UploadNotFound,
 )
-from app.protocol import choose_part_size
 from app.stores.base import CallbackOutbox, HealthCheck, Store, UploadInfo
 from tests.stores.fixtures import StoreHarness
 

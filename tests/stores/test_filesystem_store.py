@@ -21,9 +21,9 @@ import pytest
 from app.config import StorageConfig
 from app.config import replace as replace_config
 from app.errors import InvalidName, OffsetMismatch, StorageUnavailable, UploadNotFound
-from app.stores import filesystem as fs_module
 from app.stores.base import CallbackOutbox, HealthCheck
-from app.stores.filesystem import FilesystemStore
+from app.stores.filesystem import store as fs_module
+from app.stores.filesystem.store import FilesystemStore
 from tests.stores.conformance import append, chunked, new_upload, payload
 from tests.stores.fixtures import storage_config
 

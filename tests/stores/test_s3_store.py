@@ -24,15 +24,15 @@ from typing import Any
 import google_crc32c
 import pytest
 
-from app.cleanup import NotAnOrphan, Orphan, OrphanSweeper
 from app.config import Config
 from app.config import replace as config_replace
+from app.core.protocol import MAX_OBJECT_SIZE, MAX_PARTS, MIB
 from app.errors import OffsetMismatch, StorageUnavailable, TooLarge, TotalMismatch
-from app.metrics import Metrics, MetricsAware
-from app.protocol import MAX_OBJECT_SIZE, MAX_PARTS, MIB
+from app.ops.cleanup import NotAnOrphan, Orphan, OrphanSweeper
+from app.ops.metrics import Metrics, MetricsAware
 from app.stores.base import CallbackOutbox, HealthCheck, UploadInfo
-from app.stores.s3 import S3Store
-from app.stores.s3_records import _Record
+from app.stores.s3.records import _Record
+from app.stores.s3.store import S3Store
 from tests.stores.fixtures import storage_config
 
 P = 5 * MIB

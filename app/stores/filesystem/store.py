@@ -51,7 +51,6 @@ never redirect a write outside it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import fcntl
 import hashlib
@@ -67,16 +66,17 @@ from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
 from app.config import StorageConfig
-from app.digests import crc32c_extend
+from app.core import rules
+from app.core.digests import crc32c_extend
+from app.core.model import PendingCallback, oldest_first
+from app.core.protocol import RESERVED_PREFIX, validate_name
 from app.errors import (
-    BadRequest,
     InvalidName,
     OffsetMismatch,
     StorageUnavailable,
     TotalMismatch,
     UploadNotFound,
 )
-from app.protocol import RESERVED_PREFIX, choose_part_size, validate_name
 from app.stores.base import CompletedObject, UploadInfo
 
 log = logging.getLogger(__name__)
@@ -256,9 +256,7 @@ class FilesystemStore:
         owner: str | None,
     ) -> UploadInfo:
         self._check_name_text(name)
-        if total is not None and total < 0:
-            raise TotalMismatch(f"the total size cannot be negative ({total})")
-        part_size = choose_part_size(total, self._config.part_size)
+        part_size = rules.part_size_for_new(total, self._config.part_size)
         now = time.time()
         info = UploadInfo(
             name=name,
@@ -362,12 +360,7 @@ class FilesystemStore:
     # -- CallbackOutbox ------------------------------------------------------
 
     async def save_pending(self, callback_id: str, payload: bytes) -> None:
-        doc = {
-            "id": callback_id,
-            "payload": base64.b64encode(bytes(payload)).decode("ascii"),
-            "saved_at": time.time(),
-        }
-        raw = json.dumps(doc).encode("ascii")
+        raw = PendingCallback(callback_id, bytes(payload), time.time()).to_json()
         path = self._callback_path(callback_id)
         await _in_thread(self._atomic_write, path, raw, "save the pending callback")
 
@@ -706,27 +699,10 @@ class FilesystemStore:
 
     def _begin_write_locked(self, info: UploadInfo, total: int | None, lock_fd: int) -> _Append:
         stored = self._load_locked(info.name)
-        if stored.completed is not None:
-            raise UploadNotFound(f"the upload {info.name!r} is already complete")
-        if stored.session_id != info.session_id or stored.offset != info.offset:
-            raise OffsetMismatch(
-                f"{info.name!r} holds {stored.offset} bytes, not {info.offset}"
-                if stored.session_id == info.session_id
-                else f"{info.name!r} was replaced by a new upload holding {stored.offset} bytes",
-                offset=stored.offset,
-            )
-        dirty = False
-        if total is not None and total != stored.total:
-            if stored.total is not None:
-                raise TotalMismatch(
-                    f"total {total} contradicts the declared total {stored.total} of {info.name!r}"
-                )
-            if total < stored.offset:
-                raise TotalMismatch(
-                    f"total {total} is less than the {stored.offset} bytes already stored"
-                )
+        total = rules.check_write(stored, info, total)
+        dirty = total != stored.total
+        if dirty:
             stored = replace(stored, total=total)
-            dirty = True
         path = self._data_path(stored.session_id)
         try:
             created = not os.path.exists(path)
@@ -876,22 +852,8 @@ class FilesystemStore:
 
     def _finish_locked(self, info: UploadInfo, md5: bytes | None) -> UploadInfo:
         stored = self._load_locked(info.name)
-        if stored.session_id != info.session_id:
-            raise OffsetMismatch(
-                f"{info.name!r} was replaced by a new upload holding {stored.offset} bytes",
-                offset=stored.offset,
-            )
-        if stored.completed is not None:
+        if rules.check_finish(stored, info):
             return stored
-        if stored.total is None:
-            raise BadRequest(
-                f"the total size of {info.name!r} is not known yet; it cannot be finished"
-            )
-        if stored.offset != stored.total:
-            raise BadRequest(
-                f"{info.name!r} holds {stored.offset} of {stored.total} bytes; "
-                "it cannot be finished yet"
-            )
         data_path = self._data_path(stored.session_id)
         self._seal_data(data_path, stored.offset)
         try:
@@ -991,8 +953,7 @@ class FilesystemStore:
             if existed:
                 return  # it was damaged, and is gone now
             raise UploadNotFound(f"no upload in progress for {name!r}")
-        if session_id is not None and info.session_id != session_id:
-            raise UploadNotFound(f"the upload {name!r} was replaced by a newer one")
+        rules.check_cancel(info, session_id)
         data_path = self._data_path(info.session_id)
         if info.completed is not None:
             if os.path.exists(data_path):
@@ -1045,22 +1006,18 @@ class FilesystemStore:
             raise StorageUnavailable(f"filesystem store: no free space left under {self._root}")
 
     def _list_callbacks(self) -> list[tuple[str, bytes]]:
-        found: list[tuple[float, str, bytes]] = []
+        found: list[PendingCallback] = []
         for path in self._list_dir(self._callbacks_dir, ".json"):
             try:
                 with open(path, "rb") as f:
-                    doc = json.loads(f.read())
-                found.append(
-                    (float(doc["saved_at"]), str(doc["id"]), base64.b64decode(doc["payload"]))
-                )
+                    found.append(PendingCallback.from_json(f.read()))
             except FileNotFoundError:
                 continue  # delivered while listing
             except OSError as exc:
                 raise _unavailable("read the pending callback", path, exc) from exc
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping damaged callback record %s: %r", path, exc)
-        found.sort(key=lambda item: item[0])
-        return [(callback_id, payload) for _, callback_id, payload in found]
+        return oldest_first(found)
 
 
 def _fsync_dir(path: str) -> None:

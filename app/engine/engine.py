@@ -14,22 +14,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.auth import Grant
 from app.config import StorageConfig
-from app.digests import crc32c_b64
+from app.core import rules
+from app.core.digests import crc32c_b64
+from app.core.grant import Grant
+from app.core.protocol import Chunk
+from app.engine.writers import Lease, WriterRegistry
 from app.errors import (
-    BadRequest,
     DigestMismatch,
-    Forbidden,
     LengthMismatch,
-    OffsetMismatch,
     StorageUnavailable,
     TooLarge,
-    TotalMismatch,
     UploadNotFound,
 )
-from app.locking import Lease, WriterRegistry
-from app.protocol import MAX_OBJECT_SIZE, Chunk, max_size_for
 from app.stores.base import Store, UploadInfo
 
 log = logging.getLogger(__name__)
@@ -114,16 +111,13 @@ class UploadEngine:
         """A ``bytes */T`` probe; finalizes when ``T`` bytes are all present."""
         async with self._writers.hold(name):
             info = await self._current(name, grant)
-            if info.is_complete:
-                self._check_completed_total(info, total)
+            rules.check_stated_total(info, total)
+            if info.is_complete or total is None or info.offset != total:
                 return Outcome(info)
-            if total is not None:
-                self._check_total(info, total)
-                if info.offset == total:
-                    if info.total is None:
-                        info = await self._store.write(info, _empty(), total=total)
-                    return Outcome(await self._finish(info, None, digests))
-            return Outcome(info)
+            if info.total is None:
+                rules.check_total_fits(info, total)
+                info = await self._store.write(info, _empty(), total=total)
+            return Outcome(await self._finish(info, None, digests))
 
     async def put_chunk(
         self,
@@ -135,15 +129,17 @@ class UploadEngine:
         content_type: str | None,
         grant: Grant,
         digests: ClientDigests | None = None,
+        mode: rules.Mode = rules.Mode.SKIP_OVERLAP,
     ) -> Outcome:
-        """A ``Content-Range: bytes a-b/T`` request."""
-        if content_length is not None and content_length != chunk.length:
-            raise LengthMismatch(
-                f"Content-Length is {content_length} but Content-Range covers {chunk.length} bytes"
-            )
+        """Bytes ``chunk.start..chunk.end`` of the object (a ``Content-Range`` request)."""
+        rules.check_length(content_length, chunk.length)
+        limits = self._limits(grant)
         # The range's end bounds the object's size from below, so an open-ended
         # range can be refused before anything is created.
-        self._check_declared_size(chunk.total if chunk.total is not None else chunk.end + 1, grant)
+        rules.check_declared_size(
+            chunk.total if chunk.total is not None else chunk.end + 1, limits
+        )
+        request = rules.AppendRequest(start=chunk.start, length=chunk.length, total=chunk.total)
         async with self._writers.hold(name) as lease:
             try:
                 info = await self._current(name, grant)
@@ -152,30 +148,10 @@ class UploadEngine:
                     raise
                 info = await self._create(name, chunk.total, content_type, {}, grant)
             if info.is_complete:
-                self._check_completed_total(info, chunk.total)
+                rules.check_stated_total(info, chunk.total)
                 return Outcome(info)
-            total = info.total
-            if chunk.total is not None:
-                self._check_total(info, chunk.total)
-                total = chunk.total
-            if total is not None and chunk.end >= total:
-                raise BadRequest(f"Content-Range reaches past the declared total of {total} bytes")
-            if chunk.start > info.offset:
-                raise OffsetMismatch(
-                    f"this chunk starts at byte {chunk.start} but only {info.offset} bytes are "
-                    f"stored; resend from byte {info.offset}",
-                    offset=info.offset,
-                )
-            skip = min(info.offset - chunk.start, chunk.length)
-            length = chunk.length - skip
-            limit = self._limit(info, total, grant)
-            if length > 0 and info.offset + length > limit:
-                raise TooLarge(f"the upload would exceed the maximum size of {limit} bytes")
-            new_total = total if info.total is None else None
-            return await self._stream(
-                info, body, lease, skip=skip, length=length, total=new_total, limit=limit,
-                digests=digests,
-            )
+            plan = rules.plan_append(info, request, mode, limits)
+            return await self._stream(info, body, lease, plan, digests=digests)
 
     async def put_whole(
         self,
@@ -188,14 +164,18 @@ class UploadEngine:
         digests: ClientDigests | None = None,
     ) -> Outcome:
         """A plain ``PUT`` without ``Content-Range``: a new upload of the whole object."""
-        self._check_declared_size(content_length, grant)
+        limits = self._limits(grant)
+        rules.check_declared_size(content_length, limits)
         async with self._writers.hold(name) as lease:
             await self._check_replaceable(name, grant)
             info = await self._create(name, content_length, content_type, {}, grant)
-            limit = self._limit(info, content_length, grant)
+            plan = rules.WritePlan(
+                skip=0, length=content_length, settle_total=None,
+                limit=rules.upload_limit(info, content_length, limits),
+            )
             return await self._stream(
-                info, body, lease, skip=0, length=content_length, total=None, limit=limit,
-                digests=digests, settle_total_at_eof=content_length is None,
+                info, body, lease, plan, digests=digests,
+                settle_total_at_eof=content_length is None,
             )
 
     async def initiate(
@@ -208,7 +188,7 @@ class UploadEngine:
         grant: Grant,
     ) -> UploadInfo:
         """``POST``: start (or restart) a session without data."""
-        self._check_declared_size(total, grant)
+        rules.check_declared_size(total, self._limits(grant))
         async with self._writers.hold(name):
             await self._check_replaceable(name, grant)
             return await self._create(name, total, content_type, metadata, grant)
@@ -226,11 +206,11 @@ class UploadEngine:
     async def _current(self, name: str, grant: Grant) -> UploadInfo:
         """The live upload, or ``UploadNotFound`` (expired counts as gone)."""
         info = await self._store.get(name)
-        if not info.is_complete and info.updated_at + self._config.upload_ttl < self._clock():
-            raise UploadNotFound(f"the upload {name!r} expired after being idle too long")
-        if info.owner is not None and grant.owner is not None and info.owner != grant.owner:
-            raise Forbidden("this upload belongs to another owner")
+        rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=grant.owner)
         return info
+
+    def _limits(self, grant: Grant) -> rules.Limits:
+        return rules.Limits(configured=self._config.max_upload_size, granted=grant.max_size)
 
     async def _check_replaceable(self, name: str, grant: Grant) -> None:
         """A new upload may replace an old one only if the owners agree."""
@@ -260,62 +240,18 @@ class UploadEngine:
             self._on_start(info)
         return info
 
-    def _check_declared_size(self, total: int | None, grant: Grant) -> None:
-        if total is None:
-            return
-        for limit, what in (
-            (grant.max_size, "the size this upload is allowed"),
-            (self._config.max_upload_size, "the maximum upload size"),
-            (MAX_OBJECT_SIZE, "the largest object storage can hold"),
-        ):
-            if limit is not None and total > limit:
-                raise TooLarge(f"{total} bytes is more than {what} ({limit} bytes)")
-
-    def _limit(self, info: UploadInfo, total: int | None, grant: Grant) -> int:
-        """Most bytes this upload may ever hold."""
-        limits = [max_size_for(info.part_size, total is not None)]
-        if total is not None:
-            limits.append(total)
-        if grant.max_size is not None:
-            limits.append(grant.max_size)
-        if self._config.max_upload_size is not None:
-            limits.append(self._config.max_upload_size)
-        return min(limits)
-
-    @staticmethod
-    def _check_total(info: UploadInfo, total: int) -> None:
-        """A total stated by a request must agree with the upload's."""
-        if info.total is not None and info.total != total:
-            raise TotalMismatch(
-                f"the upload was declared as {info.total} bytes, not {total}", offset=info.offset
-            )
-        if info.offset > total:
-            raise TotalMismatch(
-                f"{info.offset} bytes are already stored, more than {total}", offset=info.offset
-            )
-
-    @staticmethod
-    def _check_completed_total(info: UploadInfo, total: int | None) -> None:
-        assert info.completed is not None
-        if total is not None and total != info.completed.size:
-            raise TotalMismatch(
-                f"the upload was completed with {info.completed.size} bytes, not {total}"
-            )
-
     async def _stream(
         self,
         info: UploadInfo,
         body: Body,
         lease: Lease,
+        plan: rules.WritePlan,
         *,
-        skip: int,
-        length: int | None,
-        total: int | None,
-        limit: int,
         digests: ClientDigests | None,
         settle_total_at_eof: bool = False,
     ) -> Outcome:
-        """Feed ``body`` (minus ``skip`` overlap bytes, at most ``length`` more) to the store."""
+        """Feed ``body`` to the store as ``plan`` says."""
+        skip, length, limit = plan.skip, plan.length, plan.limit
         lease.on_stop(body.abort)
         # MD5 state cannot be saved, so it is only worth computing from byte 0.
         wants_md5 = self._config.md5 or (digests is not None and digests.md5 is not None)
@@ -326,7 +262,7 @@ class UploadEngine:
                 body, flow, deadline, skip=skip, length=length, room=limit - info.offset
             )
             try:
-                info = await self._store.write(info, chunks, total=total)
+                info = await self._store.write(info, chunks, total=plan.settle_total)
             except TimeoutError:
                 raise StorageUnavailable(
                     "storage did not save the received data in time; probe for the offset"
@@ -351,7 +287,7 @@ class UploadEngine:
         if length is not None and flow.seen < skip + length:
             # The body ended (cleanly) before its declared range: keep what came.
             return Outcome(info, stored=stored)
-        if info.total is not None and info.offset == info.total:
+        if rules.ready_to_finish(info):
             md5 = flow.md5.digest() if flow.md5 is not None and start == 0 else None
             info = await self._finish(info, md5, digests)
         return Outcome(info, stored=stored)

@@ -15,18 +15,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from app import handlers, keys
-from app.auth import Authorizer, AuthRequest, Grant, make_authorizer
-from app.callbacks import CompletionNotifier
+from app.auth.webhook import Authorizer, AuthRequest, Grant, make_authorizer
+from app.callbacks.notifier import CompletionNotifier
 from app.config import Config
-from app.digests import crc32c_b64
+from app.core.digests import crc32c_b64
+from app.engine.engine import UploadEngine
+from app.engine.writers import WriterRegistry
 from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized, UploadError
-from app.health import READINESS, Readiness, healthz, readyz
-from app.locking import WriterRegistry
-from app.metrics import Metrics, MetricsAware
+from app.http import keys
+from app.http.dialects import ours as handlers
+from app.ops.health import READINESS, Readiness, healthz, readyz
+from app.ops.metrics import Metrics, MetricsAware
 from app.stores import open_store
 from app.stores.base import CallbackOutbox, Store, UploadInfo
-from app.uploads import UploadEngine
 
 log = logging.getLogger("app.server")
 access_log = logging.getLogger("app.access")

@@ -34,13 +34,14 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import aiohttp
 from yarl import URL
 
 from app.config import AuthConfig
+from app.core.grant import Grant
 from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized
 
 logger = logging.getLogger("app.auth")
@@ -69,17 +70,6 @@ class AuthRequest:
     #: Every request header, looked up case-insensitively; only the configured
     #: ``forward_headers`` ever leave the process.
     headers: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What an allowed request may do, as decided by the authorizer."""
-
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    #: Largest object this client may store; None means only the configured limits.
-    max_size: int | None = None
-    #: Recorded with the upload and sent with the completion callback.
-    owner: str | None = None
 
 
 class Authorizer(Protocol):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from app.auth import Authorizer
-from app.callbacks import CompletionNotifier
+from app.auth.webhook import Authorizer
+from app.callbacks.notifier import CompletionNotifier
 from app.config import Config
-from app.locking import WriterRegistry
-from app.metrics import Metrics
+from app.engine.engine import UploadEngine
+from app.engine.writers import WriterRegistry
+from app.ops.metrics import Metrics
 from app.stores.base import Store
-from app.uploads import UploadEngine
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)

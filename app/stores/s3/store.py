@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import logging
 import re
 import time
@@ -56,7 +55,10 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from app.config import StorageConfig
-from app.digests import crc32c_b64, crc32c_extend
+from app.core import rules
+from app.core.digests import crc32c_b64, crc32c_extend
+from app.core.model import CompletedObject, PendingCallback, UploadInfo, oldest_first
+from app.core.protocol import MAX_PARTS, RESERVED_PREFIX
 from app.errors import (
     BadRequest,
     OffsetMismatch,
@@ -66,10 +68,8 @@ from app.errors import (
     UploadError,
     UploadNotFound,
 )
-from app.metrics import instrument_s3_client
-from app.protocol import MAX_OBJECT_SIZE, MAX_PARTS, RESERVED_PREFIX, choose_part_size
-from app.stores.base import CompletedObject, UploadInfo
-from app.stores.s3_errors import (
+from app.ops.metrics import instrument_s3_client
+from app.stores.s3.errors import (
     _CONFLICT_CODES,
     _MISSING_KEY_CODES,
     _NO_UPLOAD_CODES,
@@ -78,8 +78,8 @@ from app.stores.s3_errors import (
     _translate,
     _transport_reason,
 )
-from app.stores.s3_orphans import _READ_CONCURRENCY, S3OrphanSweeper
-from app.stores.s3_records import (
+from app.stores.s3.orphans import _READ_CONCURRENCY, S3OrphanSweeper
+from app.stores.s3.records import (
     _SESSION_META,
     _parse_listed,
     _Record,
@@ -88,7 +88,7 @@ from app.stores.s3_records import (
 )
 
 if TYPE_CHECKING:
-    from app.metrics import Metrics
+    from app.ops.metrics import Metrics
 
 log = logging.getLogger("app.stores.s3")
 
@@ -242,11 +242,7 @@ class S3Store(S3OrphanSweeper):
         metadata: Mapping[str, str],
         owner: str | None,
     ) -> UploadInfo:
-        if total is not None and total < 0:
-            raise TotalMismatch(f"the total size cannot be negative ({total})")
-        if total is not None and total > MAX_OBJECT_SIZE:
-            raise TooLarge(f"{total} bytes is more than S3's largest object ({MAX_OBJECT_SIZE})")
-        part_size = choose_part_size(total, self._config.part_size)
+        part_size = rules.part_size_for_new(total, self._config.part_size)
         session_id = uuid.uuid4().hex
         object_metadata = _object_metadata(metadata, session_id)
         old = await self._read_record(name)
@@ -311,19 +307,7 @@ class S3Store(S3OrphanSweeper):
         # A fresh read costs one small GET and means a stale writer is refused
         # before it can overwrite a part another writer already uploaded.
         record, etag = await self._load_record(info.name)
-        if record.completed is not None:
-            raise UploadNotFound(f"the upload {info.name!r} is already complete")
-        if record.session_id != info.session_id:
-            raise OffsetMismatch(
-                f"{info.name!r} was replaced by a new upload holding {record.offset} bytes",
-                offset=record.offset,
-            )
-        if record.offset != info.offset:
-            raise OffsetMismatch(
-                f"{info.name!r} holds {record.offset} bytes, not {info.offset}",
-                offset=record.offset,
-            )
-        settled = self._settle_total(record, total)
+        settled = rules.check_write(record.to_info(etag), info, total)
         first_part = record.offset // record.part_size + 1
         state = _WriteState(
             record=record,
@@ -348,22 +332,8 @@ class S3Store(S3OrphanSweeper):
         if info.completed is not None:
             return info
         record, etag = await self._load_record(info.name)
-        if record.session_id != info.session_id:
-            raise OffsetMismatch(
-                f"{info.name!r} was replaced by a new upload holding {record.offset} bytes",
-                offset=record.offset,
-            )
-        if record.completed is not None:
+        if rules.check_finish(record.to_info(etag), info):
             return record.to_info(etag)
-        if record.total is None:
-            raise BadRequest(
-                f"the total size of {info.name!r} is not known yet; it cannot be finished"
-            )
-        if record.offset != record.total:
-            raise BadRequest(
-                f"{info.name!r} holds {record.offset} of {record.total} bytes; "
-                "it cannot be finished yet"
-            )
         completed = replace(await self._complete(record), md5=md5)
         done = replace(record, completed=completed, staged=(), tail_crc32c=0,
                        updated_at=completed.completed_at)
@@ -381,9 +351,8 @@ class S3Store(S3OrphanSweeper):
         return done.to_info(etag)
 
     async def cancel(self, name: str, *, session_id: str | None = None) -> None:
-        record, _ = await self._load_record(name)
-        if session_id is not None and record.session_id != session_id:
-            raise UploadNotFound(f"the upload {name!r} was replaced by a newer one")
+        record, etag = await self._load_record(name)
+        rules.check_cancel(record.to_info(etag), session_id)
         if record.completed is None:
             await self._discard_session_data(record, quiet=False)
         # A completed upload only loses its record: the object is the client's.
@@ -414,34 +383,26 @@ class S3Store(S3OrphanSweeper):
     # -- CallbackOutbox -----------------------------------------------------
 
     async def save_pending(self, callback_id: str, payload: bytes) -> None:
-        doc = {
-            "id": callback_id,
-            "payload": base64.b64encode(bytes(payload)).decode("ascii"),
-            "saved_at": time.time(),
-        }
+        pending = PendingCallback(callback_id, bytes(payload), time.time())
         await self._call(
             "PutObject", Bucket=self._bucket, Key=self._callback_key(callback_id),
-            Body=json.dumps(doc).encode("ascii"), ContentType="application/json",
+            Body=pending.to_json(), ContentType="application/json",
         )
 
     async def delete_pending(self, callback_id: str) -> None:
         await self._call("DeleteObject", Bucket=self._bucket, Key=self._callback_key(callback_id))
 
     async def list_pending(self) -> list[tuple[str, bytes]]:
-        found: list[tuple[float, str, bytes]] = []
+        found: list[PendingCallback] = []
         async for key in self._list_keys(f"{self._reserved}callbacks/"):
             loaded = await self._get_bytes(key)
             if loaded is None:
                 continue  # delivered while listing
             try:
-                doc = json.loads(loaded[0])
-                found.append(
-                    (float(doc["saved_at"]), str(doc["id"]), base64.b64decode(doc["payload"]))
-                )
+                found.append(PendingCallback.from_json(loaded[0]))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping damaged callback record %s: %r", key, exc)
-        found.sort(key=lambda item: item[0])
-        return [(callback_id, payload) for _, callback_id, payload in found]
+        return oldest_first(found)
 
     # -- keys -----------------------------------------------------------------
 
@@ -466,24 +427,6 @@ class S3Store(S3OrphanSweeper):
         return f"{self._reserved}callbacks/{callback_id}"
 
     # -- the write path -----------------------------------------------------
-
-    def _settle_total(self, record: _Record, total: int | None) -> int | None:
-        if total is None or total == record.total:
-            return record.total
-        if record.total is not None:
-            raise TotalMismatch(
-                f"total {total} contradicts the declared total {record.total} of {record.name!r}"
-            )
-        if total < record.offset:
-            raise TotalMismatch(
-                f"total {total} is less than the {record.offset} bytes already stored"
-            )
-        if total > record.part_size * MAX_PARTS:
-            raise TooLarge(
-                f"{total} bytes need more than {MAX_PARTS} parts of {record.part_size} bytes "
-                "(the part size was fixed when the upload started without a total)"
-            )
-        return total
 
     async def _write(self, state: _WriteState, chunks: AsyncIterable[bytes]) -> UploadInfo:
         record = state.record

@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from app.callbacks import CompletionNotifier
-from app.locking import WriterRegistry
+from app.callbacks.notifier import CompletionNotifier
+from app.engine.writers import WriterRegistry
 
 NAMESPACE = "upload_proxy"
 

@@ -119,9 +119,3 @@ def choose_part_size(total: int | None, default: int) -> int:
     if part > MAX_PART_SIZE:
         raise TooLarge(f"{total} bytes is more than S3's largest object allows")
     return part
-
-
-def max_size_for(part_size: int, total_known: bool) -> int:
-    """Largest object an upload can hold: S3's limit for known totals; with an
-    unknown total the part size is fixed, so 10,000 parts of it."""
-    return MAX_OBJECT_SIZE if total_known else part_size * MAX_PARTS

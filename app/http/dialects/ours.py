@@ -16,11 +16,9 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from app import keys
-from app.auth import Action, AuthRequest, Grant
-from app.digests import crc32c_b64, md5_b64, parse_goog_hash
-from app.errors import BadRequest, InvalidName
-from app.protocol import (
+from app.auth.webhook import Action, AuthRequest, Grant
+from app.core.digests import crc32c_b64, md5_b64, parse_goog_hash
+from app.core.protocol import (
     Chunk,
     Probe,
     format_range,
@@ -28,8 +26,10 @@ from app.protocol import (
     parse_length,
     validate_name,
 )
+from app.engine.engine import BodyInterrupted, ClientDigests, Outcome
+from app.errors import BadRequest, InvalidName
+from app.http import keys
 from app.stores.base import UploadInfo
-from app.uploads import BodyInterrupted, ClientDigests, Outcome
 
 #: Largest JSON body accepted on POST initiation (object metadata).
 MAX_INITIATION_BODY = 64 * 1024

@@ -12,19 +12,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from app.cleanup import NotAnOrphan, Orphan
 from app.errors import StorageUnavailable
-from app.stores.s3_errors import (
+from app.ops.cleanup import NotAnOrphan, Orphan
+from app.stores.s3.errors import (
     _CONFLICT_CODES,
     _MISSING_KEY_CODES,
     _NO_UPLOAD_CODES,
     _UNSUPPORTED_CODES,
     _S3Refusal,
 )
-from app.stores.s3_records import _SESSION_META, _parse_listed, _Record
+from app.stores.s3.records import _SESSION_META, _parse_listed, _Record
 
 if TYPE_CHECKING:
-    from app.stores.s3_records import _Segment, _StagedCache
+    from app.stores.s3.records import _Segment, _StagedCache
 
 log = logging.getLogger("app.stores.s3")
 

@@ -42,10 +42,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 import aiohttp
 
-from app.callbacks import CompletionNotifier
+from app.callbacks.notifier import CompletionNotifier
 from app.config import Config, ConfigError, load_config, parse_duration
 from app.errors import UploadError, UploadNotFound
-from app.logs import setup_logging
+from app.ops.logs import setup_logging
 from app.stores import open_store
 from app.stores.base import CallbackOutbox, Store, UploadInfo
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from app import keys
 from app.errors import UploadError
+from app.http import keys
 from app.stores.base import HealthCheck
 
 log = logging.getLogger(__name__)
