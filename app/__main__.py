@@ -11,8 +11,8 @@ from aiohttp import web
 
 from app.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, replace
 from app.errors import UploadError
-from app.http.app import create_app
 from app.ops.logs import setup_logging
+from app.service import create_app
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from app.auth.webhook import Authorizer
 from app.config import Config, replace
-from app.http.app import create_app
+from app.service import create_app
 
 
 @dataclass

@@ -121,6 +121,7 @@ async def test_allow_parses_grant_and_sends_the_request(webhook, session):
         "content_type": "video/mp4",
         "remote_addr": "203.0.113.7",
         "headers": {"Authorization": "Bearer alice"},
+        "dialect": "upload",
     }]
 
 

@@ -23,9 +23,9 @@ from app.auth.webhook import AuthRequest, Grant
 from app.config import Config, config_from_mapping, replace
 from app.errors import Forbidden
 from app.http import keys
-from app.http.app import create_app
 from app.ops.logs import JsonFormatter
 from app.ops.metrics import Metrics, instrument_s3_client
+from app.service import create_app
 from tests.relay import TcpRelay
 
 MIB = 1024 * 1024

@@ -11,7 +11,8 @@ Webhook contract (what the main application implements)::
     {"action": "create" | "append" | "status" | "cancel", "name": ..., "key": ...,
      "content_length": int | null, "content_range": str | null,
      "content_type": str | null, "remote_addr": str | null,
-     "headers": {<only the configured forward_headers the client sent>}}
+     "headers": {<only the configured forward_headers the client sent>},
+     "dialect": "upload" | "gcs" | "tus" | "ietf", <dialect facts, e.g. "bucket">}
 
     2xx, empty body or {"metadata": {str: str}, "max_size": int >= 0, "owner": str}
         -> allowed (every field optional)
@@ -19,7 +20,7 @@ Webhook contract (what the main application implements)::
     anything else, timeouts, connection errors, malformed 2xx bodies
         -> 503 with Retry-After: the proxy fails closed
 
-Allowed answers may be cached (``auth.cache_ttl``) per action, name and
+Allowed answers may be cached (``auth.cache_ttl``) per action, dialect, name and
 forwarded credential values. A webhook that decides on per-request fields
 (``content_length``, ``content_range``, ``remote_addr``) must keep the cache off
 or express the limit as ``max_size``, which the engine enforces on every request.
@@ -34,7 +35,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -70,6 +71,10 @@ class AuthRequest:
     #: Every request header, looked up case-insensitively; only the configured
     #: ``forward_headers`` ever leave the process.
     headers: Mapping[str, str]
+    #: The wire dialect the client speaks ("upload", "gcs", "tus", "ietf").
+    dialect: str = "upload"
+    #: Dialect-specific facts the webhook may decide on (e.g. a GCS bucket).
+    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 class Authorizer(Protocol):
@@ -133,6 +138,8 @@ class WebhookAuthorizer:
             "content_type": request.content_type,
             "remote_addr": request.remote_addr,
             "headers": forwarded,
+            "dialect": request.dialect,
+            **request.extra,
         }
         self.calls += 1
         try:
@@ -185,7 +192,9 @@ class WebhookAuthorizer:
         # of it too (None), so an anonymous grant never serves a credentialed
         # request or the other way round. Hashed so raw tokens are not kept as keys.
         credentials = [forwarded.get(h) for h in self._config.forward_headers]
-        material = json.dumps([request.action, request.name, credentials])
+        material = json.dumps(
+            [request.action, request.dialect, request.name, dict(request.extra), credentials]
+        )
         return hashlib.sha256(material.encode()).hexdigest()
 
     def _cached(self, key: str) -> Grant | None:

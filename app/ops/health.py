@@ -1,4 +1,4 @@
-"""Liveness and readiness endpoints.
+"""Liveness and readiness: the storage check behind ``/readyz``.
 
 ``GET /healthz`` says the process is up and its event loop answers; it does no
 I/O, so a slow or broken storage backend never gets a healthy process killed.
@@ -18,10 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from aiohttp import web
-
 from app.errors import UploadError
-from app.http import keys
 from app.stores.base import HealthCheck
 
 log = logging.getLogger(__name__)
@@ -90,21 +87,3 @@ class Readiness:
             return None
         log.warning("not ready: %s", reason)
         return reason
-
-
-READINESS = web.AppKey("readiness", Readiness)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    request[keys.REQUEST_ACTION] = "healthz"
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    request[keys.REQUEST_ACTION] = "readyz"
-    readiness = request.app[READINESS]
-    reason = await readiness.check()
-    if reason is None:
-        return web.json_response({"status": "ok"})
-    code = "shutting_down" if readiness.shutting_down else "storage_unavailable"
-    return web.json_response({"error": code, "message": reason}, status=503)

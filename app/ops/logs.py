@@ -12,7 +12,7 @@ from app.config import LoggingConfig
 #: ``extra=`` fields the access log and others attach to records.
 _EXTRA_FIELDS = (
     "request_id", "method", "upload_name", "action", "status", "bytes", "received",
-    "offset_before", "offset", "duration_ms", "remote",
+    "offset_before", "offset", "duration_ms", "remote", "dialect",
 )
 
 
