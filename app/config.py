@@ -11,6 +11,7 @@ the problem, so start-up can stop with a message a person can act on.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import re
@@ -92,6 +93,8 @@ class ServerConfig:
     read_timeout: Duration = 60.0
     #: How long ``/readyz`` reuses its last storage check.
     readiness_cache_ttl: Duration = 2.0
+    #: Serve the demo upload pages at ``/`` and ``/demo/`` (development).
+    demo_page: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class StorageConfig:
     #: Compute MD5 of uploads sent in one request, for ``md5Hash`` in the answer.
     #: Costs about 1.3 CPU-seconds per GiB; a client-sent md5 is checked regardless.
     md5: bool = False
+    #: Largest body that a per-request checksum (tus ``Upload-Checksum``, the
+    #: IETF draft's ``Content-Digest``) may cover: it is held in memory until
+    #: verified, so none of a corrupt body ever counts.
+    checksum_buffer: Size = 64 * 1024 * 1024
     filesystem: FilesystemConfig = field(default_factory=FilesystemConfig)
     s3: S3Config = field(default_factory=S3Config)
 
@@ -156,6 +163,36 @@ class CallbacksConfig:
 
 
 @dataclass(frozen=True)
+class GcsConfig:
+    """Google's JSON API upload paths (``/upload/storage/v1/b/{bucket}/o``)."""
+
+    #: Bucket names clients use -> key prefix in the store ("" for the top).
+    #: A bucket not listed answers 404: nothing is guessed.
+    buckets: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TusConfig:
+    """tus 1.0 and the IETF resumable-upload draft, which share these routes."""
+
+    #: Where uploads are created (``POST``) and addressed (``<path><id>``).
+    path: str = "/files/"
+    #: Key prefix of objects named by ``Upload-Metadata`` or ``Content-Disposition``.
+    prefix: str = "tus/"
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    #: Origins (``https://app.example.com``) or patterns (``https://*.example.com``)
+    #: allowed to call the service from a browser; empty: none.
+    allowed_origins: tuple[str, ...] = ()
+    #: Let pages send cookies / HTTP auth (never together with ``*``).
+    allow_credentials: bool = False
+    #: How long a browser may cache a preflight answer.
+    max_age: Duration = 600.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -167,6 +204,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    gcs: GcsConfig = field(default_factory=GcsConfig)
+    tus: TusConfig = field(default_factory=TusConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -295,6 +335,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str | None) for k, v in value.items()
+        ):
+            raise ConfigError(f"{key}: expected a mapping of strings to strings")
+        return {k: "" if v is None else v for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -332,6 +378,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("storage.part_size: S3 needs parts between 5MiB and 5GiB")
     if s.max_upload_size is not None and s.max_upload_size <= 0:
         raise ConfigError("storage.max_upload_size: must be positive (or unset for no limit)")
+    if s.checksum_buffer < 1024 * 1024:
+        raise ConfigError("storage.checksum_buffer: must be at least 1MiB")
     if s.parts_in_flight < 1:
         raise ConfigError("storage.parts_in_flight: must be at least 1")
     for name in ("upload_ttl", "takeover_timeout", "persist_timeout"):
@@ -362,3 +410,39 @@ def _validate(config: Config) -> None:
         raise ConfigError("callbacks.max_attempts: must be at least 1")
     if config.auth.timeout <= 0:
         raise ConfigError("auth.timeout: must be positive")
+    _validate_dialects(config)
+
+
+def _validate_dialects(config: Config) -> None:
+    for bucket, prefix in config.gcs.buckets.items():
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]", bucket):
+            raise ConfigError(
+                f"gcs.buckets: {bucket!r} is not a valid bucket name "
+                "(3-222 characters: lowercase letters, digits, '.', '_', '-')"
+            )
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ConfigError(f"gcs.buckets.{bucket}: the prefix {prefix!r} must be relative")
+    path = config.tus.path
+    if not re.fullmatch(r"/([A-Za-z0-9._~-]+/)+", path) or path.startswith(
+        ("/upload/", "/static/", "/demo/")
+    ) or path in ("/healthz/", "/readyz/", "/metrics/"):
+        raise ConfigError(
+            f"tus.path: {path!r} must be an absolute path ending in '/', like /files/, "
+            "outside /upload/, /static/ and /demo/"
+        )
+    if config.tus.prefix.startswith("/"):
+        raise ConfigError("tus.prefix: must not start with '/'")
+    cors = config.cors
+    for origin in cors.allowed_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9*.\-]+(:[0-9]{1,5})?", origin):
+            raise ConfigError(
+                f"cors.allowed_origins: {origin!r} is not an origin like https://app.example.com "
+                "(a '*' may stand for a subdomain: https://*.example.com)"
+            )
+    if cors.allow_credentials and "*" in cors.allowed_origins:
+        raise ConfigError(
+            "cors.allow_credentials: cannot be true while cors.allowed_origins contains '*' "
+            "(any site could act with your users' cookies); list the origins instead"
+        )
+    if cors.max_age < 0:
+        raise ConfigError("cors.max_age: must not be negative")

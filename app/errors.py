@@ -13,7 +13,8 @@ ever sees them::
     │   ├── InvalidContentRange
     │   ├── LengthMismatch
     │   ├── TotalMismatch
-    │   └── DigestMismatch
+    │   ├── DigestMismatch        the whole object's digest
+    │   └── ChecksumMismatch      one request body's digest (nothing stored)
     ├── Unauthorized (401)        auth webhook refused
     ├── Forbidden (403)           auth webhook refused / owner mismatch
     ├── AuthRefused (any 4xx the webhook chose)
@@ -70,6 +71,13 @@ class TotalMismatch(BadRequest):
 
 class DigestMismatch(BadRequest):
     code = "digest_mismatch"
+
+
+class ChecksumMismatch(BadRequest):
+    """One request's body did not match the checksum it came with; none of it
+    was stored (tus renders this as 460)."""
+
+    code = "checksum_mismatch"
 
 
 class Unauthorized(UploadError):

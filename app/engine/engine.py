@@ -51,6 +51,17 @@ class Body(Protocol):
         ...
 
 
+class BodyCheck(Protocol):
+    """A digest of the bytes one request adds (tus ``Upload-Checksum``, the
+    IETF draft's ``Content-Digest``): none of them count unless it matches."""
+
+    def update(self, data: bytes) -> None: ...
+
+    def verify(self) -> None:
+        """Raise ``ChecksumMismatch`` if the bytes seen do not match."""
+        ...
+
+
 @dataclass(frozen=True)
 class ClientDigests:
     """Digests the client declared for the whole object (``x-goog-hash``)."""
@@ -130,8 +141,11 @@ class UploadEngine:
         grant: Grant,
         digests: ClientDigests | None = None,
         mode: rules.Mode = rules.Mode.SKIP_OVERLAP,
+        check: BodyCheck | None = None,
     ) -> Outcome:
-        """Bytes ``chunk.start..chunk.end`` of the object (a ``Content-Range`` request)."""
+        """Bytes ``chunk.start..chunk.end`` of the object (a ``Content-Range`` request).
+        With ``check``, the body is held until its digest matched, and a body
+        that fails it, or stops early, stores nothing."""
         rules.check_length(content_length, chunk.length)
         limits = self._limits(grant)
         # The range's end bounds the object's size from below, so an open-ended
@@ -151,7 +165,7 @@ class UploadEngine:
                 rules.check_stated_total(info, chunk.total)
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
-            return await self._stream(info, body, lease, plan, digests=digests)
+            return await self._stream(info, body, lease, plan, digests=digests, check=check)
 
     async def put_whole(
         self,
@@ -249,6 +263,7 @@ class UploadEngine:
         *,
         digests: ClientDigests | None,
         settle_total_at_eof: bool = False,
+        check: BodyCheck | None = None,
     ) -> Outcome:
         """Feed ``body`` to the store as ``plan`` says."""
         skip, length, limit = plan.skip, plan.length, plan.limit
@@ -261,6 +276,13 @@ class UploadEngine:
             chunks = self._chunks(
                 body, flow, deadline, skip=skip, length=length, room=limit - info.offset
             )
+            if check is not None:
+                held = await self._verified(chunks, check, flow, length)
+                if held is None:
+                    log.info("upload %r: a checked body stopped early; nothing of it stored",
+                             info.name)
+                    return Outcome(info, interrupted=flow.interrupted)
+                chunks = _replay(held)
             try:
                 info = await self._store.write(info, chunks, total=plan.settle_total)
             except TimeoutError:
@@ -345,6 +367,28 @@ class UploadEngine:
                     flow.overflow = True
                 return
 
+    async def _verified(
+        self, chunks: AsyncIterator[bytes], check: BodyCheck, flow: _Flow, length: int | None
+    ) -> list[bytes] | None:
+        """The whole body, once ``check`` matched; None if it stopped early."""
+        held: list[bytes] = []
+        size = 0
+        async for data in chunks:
+            size += len(data)
+            if size > self._config.checksum_buffer:
+                raise TooLarge(
+                    f"a request with a checksum may add at most {self._config.checksum_buffer} "
+                    "bytes (it is held until verified); send smaller chunks"
+                )
+            check.update(data)
+            held.append(data)
+        if flow.overflow:
+            raise LengthMismatch("the body is longer than the request declares; nothing was kept")
+        if flow.interrupted or (length is not None and size < length):
+            return None
+        check.verify()
+        return held
+
     async def _finish(
         self, info: UploadInfo, md5: bytes | None, digests: ClientDigests | None
     ) -> UploadInfo:
@@ -371,6 +415,11 @@ class UploadEngine:
         log.warning("upload %r: %s mismatch with the client's digest; discarding it",
                     info.name, algorithm)
         await self._store.cancel(info.name)
+
+
+async def _replay(held: list[bytes]) -> AsyncIterator[bytes]:
+    for data in held:
+        yield data
 
 
 async def _empty() -> AsyncIterator[bytes]:
