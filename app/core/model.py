@@ -73,10 +73,18 @@ class UploadInfo:
     completed: CompletedObject | None = None
     #: Opaque store token for optimistic concurrency; callers pass it back untouched.
     version: str | None = None
+    #: The object's name when the session has a name of its own (sessions
+    #: addressed by an upload id); None: the object is ``name``.
+    target: str | None = None
 
     @property
     def is_complete(self) -> bool:
         return self.completed is not None
+
+    @property
+    def object_name(self) -> str:
+        """Where the finished object goes."""
+        return self.name if self.target is None else self.target
 
     def to_json(self) -> dict[str, Any]:
         """The durable fields in a JSON-safe form, for the stores' session
@@ -94,12 +102,14 @@ class UploadInfo:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "completed": None if self.completed is None else self.completed.to_json(),
+            "target": self.target,
         }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], version: str | None = None) -> UploadInfo:
         """Inverse of ``to_json``; raises KeyError/TypeError/ValueError on a damaged record."""
         total, owner, done = doc["total"], doc.get("owner"), doc.get("completed")
+        target = doc.get("target")
         return cls(
             name=str(doc["name"]),
             session_id=str(doc["session_id"]),
@@ -114,6 +124,7 @@ class UploadInfo:
             updated_at=float(doc["updated_at"]),
             completed=None if done is None else CompletedObject.from_json(done),
             version=version,
+            target=None if target is None else str(target),
         )
 
 

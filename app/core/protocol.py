@@ -107,6 +107,30 @@ def validate_name(name: str) -> str:
     return name
 
 
+#: Sessions addressed by an upload id (Google's JSON API, tus, the IETF draft)
+#: live under this internal name, not the object's: several sessions may aim
+#: at one object, and the last to finish wins, as in Google Cloud Storage.
+ID_SESSION_PREFIX = f"{RESERVED_PREFIX}/ids/"
+_ID_SESSION = re.compile(re.escape(ID_SESSION_PREFIX) + r"[a-z0-9]{1,16}/[A-Za-z0-9_-]{16,128}")
+
+
+def id_session_name(dialect: str, upload_id: str) -> str:
+    """The internal name of the session that ``upload_id`` addresses."""
+    name = f"{ID_SESSION_PREFIX}{dialect}/{upload_id}"
+    if not _ID_SESSION.fullmatch(name):
+        raise InvalidName("malformed upload id")
+    return name
+
+
+def is_id_session_name(name: str) -> bool:
+    return _ID_SESSION.fullmatch(name) is not None
+
+
+def validate_session_name(name: str) -> str:
+    """A session's name: an object name, or an id session's internal name."""
+    return name if is_id_session_name(name) else validate_name(name)
+
+
 def choose_part_size(total: int | None, default: int) -> int:
     """Part size P for a new upload: ``default`` unless the total needs more than
     10,000 parts, then the smallest whole MiB that fits."""

@@ -142,10 +142,13 @@ class UploadEngine:
         digests: ClientDigests | None = None,
         mode: rules.Mode = rules.Mode.SKIP_OVERLAP,
         check: BodyCheck | None = None,
+        creates: bool = True,
     ) -> Outcome:
         """Bytes ``chunk.start..chunk.end`` of the object (a ``Content-Range`` request).
         With ``check``, the body is held until its digest matched, and a body
-        that fails it, or stops early, stores nothing."""
+        that fails it, or stops early, stores nothing. ``creates``: a chunk at
+        byte 0 of an unknown upload starts it (False for sessions that must be
+        initiated first, such as those addressed by an upload id)."""
         rules.check_length(content_length, chunk.length)
         limits = self._limits(grant)
         # The range's end bounds the object's size from below, so an open-ended
@@ -158,7 +161,7 @@ class UploadEngine:
             try:
                 info = await self._current(name, grant)
             except UploadNotFound:
-                if chunk.start != 0:
+                if chunk.start != 0 or not creates:
                     raise
                 info = await self._create(name, chunk.total, content_type, {}, grant)
             if info.is_complete:
@@ -200,12 +203,15 @@ class UploadEngine:
         content_type: str | None,
         metadata: Mapping[str, str],
         grant: Grant,
+        target: str | None = None,
     ) -> UploadInfo:
-        """``POST``: start (or restart) a session without data."""
+        """``POST``: start (or restart) a session without data. With ``target``
+        the session has a name of its own (an id session) and its object goes
+        to ``target``."""
         rules.check_declared_size(total, self._limits(grant))
         async with self._writers.hold(name):
             await self._check_replaceable(name, grant)
-            return await self._create(name, total, content_type, metadata, grant)
+            return await self._create(name, total, content_type, metadata, grant, target)
 
     async def cancel(self, name: str, grant: Grant) -> None:
         async with self._writers.hold(name):
@@ -240,6 +246,7 @@ class UploadEngine:
         content_type: str | None,
         metadata: Mapping[str, str],
         grant: Grant,
+        target: str | None = None,
     ) -> UploadInfo:
         info = await self._store.create(
             name,
@@ -247,6 +254,7 @@ class UploadEngine:
             content_type=content_type or DEFAULT_CONTENT_TYPE,
             metadata={**metadata, **grant.metadata},
             owner=grant.owner,
+            target=target,
         )
         log.info("upload %r started (total %s, part size %d)", name,
                  "unknown" if total is None else total, info.part_size)

@@ -54,11 +54,13 @@ class Store(Protocol):
         content_type: str,
         metadata: Mapping[str, str],
         owner: str | None,
+        target: str | None = None,
     ) -> UploadInfo:
         """Start a new empty upload at ``name``, replacing (and discarding) any
-        unfinished or completed session of that name. The object at ``name``, if
-        any, stays until the new upload finishes. Raises ``TooLarge`` if
-        ``total`` exceeds what the backend can hold."""
+        unfinished or completed session of that name. The object at ``name``
+        (or at ``target``, when the session has a name of its own), if any,
+        stays until the new upload finishes. Raises ``TooLarge`` if ``total``
+        exceeds what the backend can hold."""
         ...
 
     async def get(self, name: str) -> UploadInfo:
@@ -84,7 +86,8 @@ class Store(Protocol):
         ...
 
     async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
-        """Turn an upload whose ``offset == total`` into the object at ``name``
+        """Turn an upload whose ``offset == total`` into the object at
+        ``info.object_name`` (replacing whatever was there: the last to finish wins)
         and return the completed state. ``md5`` is recorded when given.
         Idempotent: a completed upload is returned as it is."""
         ...

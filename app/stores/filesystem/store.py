@@ -69,7 +69,7 @@ from app.config import StorageConfig
 from app.core import rules
 from app.core.digests import crc32c_extend
 from app.core.model import PendingCallback, oldest_first
-from app.core.protocol import RESERVED_PREFIX, validate_name
+from app.core.protocol import RESERVED_PREFIX, is_id_session_name, validate_name
 from app.errors import (
     InvalidName,
     OffsetMismatch,
@@ -254,8 +254,11 @@ class FilesystemStore:
         content_type: str,
         metadata: Mapping[str, str],
         owner: str | None,
+        target: str | None = None,
     ) -> UploadInfo:
-        self._check_name_text(name)
+        self._check_session_name(name)
+        if target is not None:
+            self._check_name_text(target)
         part_size = rules.part_size_for_new(total, self._config.part_size)
         now = time.time()
         info = UploadInfo(
@@ -270,11 +273,12 @@ class FilesystemStore:
             owner=owner,
             created_at=now,
             updated_at=now,
+            target=target,
         )
         return await _in_thread(self._create, info)
 
     async def get(self, name: str) -> UploadInfo:
-        self._check_name_text(name)
+        self._check_session_name(name)
         return await _in_thread(self._load, name)
 
     async def write(
@@ -284,7 +288,7 @@ class FilesystemStore:
         *,
         total: int | None = None,
     ) -> UploadInfo:
-        self._check_name_text(info.name)
+        self._check_session_name(info.name)
         append = await _in_thread(self._begin_write, info, total)
         limit = append.recorded.total
         pending: list[bytes] = []
@@ -331,11 +335,11 @@ class FilesystemStore:
         return result
 
     async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
-        self._check_name_text(info.name)
+        self._check_session_name(info.name)
         return await _in_thread(self._finish, info, md5)
 
     async def cancel(self, name: str, *, session_id: str | None = None) -> None:
-        self._check_name_text(name)
+        self._check_session_name(name)
         await _in_thread(self._cancel, name, session_id)
 
     def list_unfinished(self) -> AsyncIterator[UploadInfo]:
@@ -371,6 +375,12 @@ class FilesystemStore:
         return await _in_thread(self._list_callbacks)
 
     # -- names and paths -----------------------------------------------------
+
+    def _check_session_name(self, name: str) -> None:
+        """A session's name is an object name, or an id session's own name
+        (hashed into its sidecar's file name, so never a path)."""
+        if not is_id_session_name(name):
+            self._check_name_text(name)
 
     def _check_name_text(self, name: str) -> None:
         """Checks that need no disk access; the protocol rules apply here too
@@ -628,7 +638,7 @@ class FilesystemStore:
         data_path = self._data_path(info.session_id)
         if info.completed is not None:
             # Marked completed, then a crash before the rename: finish the job.
-            self._place(name, data_path)
+            self._place(info.object_name, data_path)
             return info
         return self._repair_short_data(info, data_path)
 
@@ -674,7 +684,7 @@ class FilesystemStore:
         return repaired
 
     def _create(self, info: UploadInfo) -> UploadInfo:
-        self._check_name(info.name)
+        self._check_name(info.object_name)
         with self._locked(info.name):
             return self._create_locked(info)
 
@@ -684,7 +694,7 @@ class FilesystemStore:
             old_data = self._data_path(old.session_id)
             if old.completed is not None:
                 if os.path.exists(old_data):
-                    self._place(old.name, old_data)
+                    self._place(old.object_name, old_data)
             else:
                 # Data before sidecar: a crash in between leaves a session that
                 # repairs to offset 0, never an orphaned data file.
@@ -856,23 +866,24 @@ class FilesystemStore:
             return stored
         data_path = self._data_path(stored.session_id)
         self._seal_data(data_path, stored.offset)
+        target = stored.object_name
         try:
-            walked = self._walk_to_parent(info.name, create=True)
+            walked = self._walk_to_parent(target, create=True)
         except OSError as exc:
             raise _unavailable(
-                "create the directories of", self._object_path(info.name), exc
+                "create the directories of", self._object_path(target), exc
             ) from exc
         assert walked is not None  # create=True always yields a directory
         dir_fd, leaf = walked
         try:
-            self._check_leaf(dir_fd, info.name, leaf)
+            self._check_leaf(dir_fd, target, leaf)
             now = time.time()
             done = _stamp(
                 replace(
                     stored,
                     updated_at=now,
                     completed=CompletedObject(
-                        key=info.name,
+                        key=target,
                         bucket=self._root,
                         size=stored.offset,
                         etag=_etag(stored.crc32c, stored.offset),
@@ -884,7 +895,7 @@ class FilesystemStore:
             )
             self._write_sidecar(done)
             try:
-                self._rename_into(dir_fd, info.name, leaf, data_path)
+                self._rename_into(dir_fd, target, leaf, data_path)
             except BaseException:
                 # Without the rename the object does not exist: undo the mark so
                 # the upload can be finished again.
@@ -957,7 +968,7 @@ class FilesystemStore:
         data_path = self._data_path(info.session_id)
         if info.completed is not None:
             if os.path.exists(data_path):
-                self._place(name, data_path)  # it was acknowledged as finished
+                self._place(info.object_name, data_path)  # it was acknowledged as finished
         else:
             # Data first: a crash in between leaves a session that repairs to
             # offset 0, never an orphaned data file nobody would clean up.

@@ -291,12 +291,12 @@ class S3OrphanSweeper:
         try:
             await self._call(
                 "ListParts", _NO_UPLOAD_CODES, Bucket=self._bucket,
-                Key=self._object_key(record.name), UploadId=record.upload_id, MaxParts=1,
+                Key=self._object_key(record.object_name), UploadId=record.upload_id, MaxParts=1,
             )
             return "its multipart upload exists"
         except _S3Refusal:
             pass
-        head = await self._head(self._object_key(record.name))
+        head = await self._head(self._object_key(record.object_name))
         if head is not None and head.get("Metadata", {}).get(_SESSION_META) == record.session_id:
             # A finish completed the object but died before updating the
             # record; a retried finish still needs the record to answer.

@@ -59,6 +59,11 @@ class _Record:
     #: CRC32C of the staged bytes alone: the start of the next part's checksum.
     tail_crc32c: int = 0
     completed: CompletedObject | None = None
+    target: str | None = None
+
+    @property
+    def object_name(self) -> str:
+        return self.name if self.target is None else self.target
 
     def to_json(self) -> bytes:
         doc = {
@@ -96,7 +101,7 @@ class _Record:
 #: The fields a record shares with ``UploadInfo``.
 _SESSION_FIELDS = (
     "name", "session_id", "offset", "total", "part_size", "crc32c", "content_type",
-    "metadata", "owner", "created_at", "updated_at", "completed",
+    "metadata", "owner", "created_at", "updated_at", "completed", "target",
 )
 
 

@@ -241,6 +241,7 @@ class S3Store(S3OrphanSweeper):
         content_type: str,
         metadata: Mapping[str, str],
         owner: str | None,
+        target: str | None = None,
     ) -> UploadInfo:
         part_size = rules.part_size_for_new(total, self._config.part_size)
         session_id = uuid.uuid4().hex
@@ -248,7 +249,7 @@ class S3Store(S3OrphanSweeper):
         old = await self._read_record(name)
         params: dict[str, Any] = {
             "Bucket": self._bucket,
-            "Key": self._object_key(name),
+            "Key": self._object_key(name if target is None else target),
             "ContentType": content_type,
             "Metadata": object_metadata,
         }
@@ -273,6 +274,7 @@ class S3Store(S3OrphanSweeper):
             created_at=now,
             updated_at=now,
             checksum_algorithm="CRC32C" if self._checksums else None,
+            target=target,
         )
         try:
             try:
@@ -282,7 +284,7 @@ class S3Store(S3OrphanSweeper):
                 old = None
                 etag = await self._put_record(record, if_match=None)
         except UploadError:
-            await self._abort_quietly(name, record.upload_id)
+            await self._abort_quietly(record.object_name, record.upload_id)
             raise
         if old is not None and old[0].completed is None:
             # The new record is in place first: a crash here leaves garbage to
@@ -673,7 +675,7 @@ class S3Store(S3OrphanSweeper):
     ) -> dict[str, Any]:
         params: dict[str, Any] = {
             "Bucket": self._bucket,
-            "Key": self._object_key(record.name),
+            "Key": self._object_key(record.object_name),
             "UploadId": record.upload_id,
             "PartNumber": number,
             "Body": body,
@@ -688,7 +690,7 @@ class S3Store(S3OrphanSweeper):
     async def _complete(self, record: _Record) -> CompletedObject:
         total = record.total
         assert total is not None
-        key = self._object_key(record.name)
+        key = self._object_key(record.object_name)
         if total == 0:
             # S3 cannot complete an MPU without parts.
             put = await self._call(
@@ -696,7 +698,7 @@ class S3Store(S3OrphanSweeper):
                 ContentType=record.content_type,
                 Metadata=_object_metadata(record.metadata, record.session_id),
             )
-            await self._abort_quietly(record.name, record.upload_id)
+            await self._abort_quietly(record.object_name, record.upload_id)
             return self._completed(record, str(put["ETag"]), 0)
         try:
             listed = await self._list_parts(record)
@@ -715,7 +717,7 @@ class S3Store(S3OrphanSweeper):
 
     def _completed(self, record: _Record, etag: str, size: int) -> CompletedObject:
         return CompletedObject(
-            key=self._object_key(record.name),
+            key=self._object_key(record.object_name),
             bucket=self._bucket,
             size=size,
             etag=etag,
@@ -728,7 +730,7 @@ class S3Store(S3OrphanSweeper):
         try:
             head = await self._call(
                 "HeadObject", _MISSING_KEY_CODES, Bucket=self._bucket,
-                Key=self._object_key(record.name),
+                Key=self._object_key(record.object_name),
             )
         except _S3Refusal:
             head = None
@@ -737,7 +739,7 @@ class S3Store(S3OrphanSweeper):
         return self._completed(record, str(head["ETag"]), int(head["ContentLength"]))
 
     async def _list_parts(self, record: _Record) -> dict[int, dict[str, Any]]:
-        return await self._parts(self._object_key(record.name), record.upload_id)
+        return await self._parts(self._object_key(record.object_name), record.upload_id)
 
     async def _parts(self, key: str, upload_id: str) -> dict[int, dict[str, Any]]:
         """Every uploaded part (ListParts pages at 1,000); ``_S3Refusal`` when
@@ -843,7 +845,7 @@ class S3Store(S3OrphanSweeper):
         try:
             await self._call(
                 "AbortMultipartUpload", _NO_UPLOAD_CODES, Bucket=self._bucket,
-                Key=self._object_key(record.name), UploadId=record.upload_id,
+                Key=self._object_key(record.object_name), UploadId=record.upload_id,
             )
         except _S3Refusal:
             pass  # already aborted or completed
