@@ -14,7 +14,8 @@ Webhook contract (what the main application implements)::
      "headers": {<only the configured forward_headers the client sent>},
      "dialect": "upload" | "gcs" | "tus" | "ietf", <dialect facts, e.g. "bucket">}
 
-    2xx, empty body or {"metadata": {str: str}, "max_size": int >= 0, "owner": str}
+    2xx, empty body or {"metadata": {str: str}, "max_size": int >= 0, "owner": str,
+                        "name": str (the object name, for tus and the IETF draft)}
         -> allowed (every field optional)
     401 / 403 / other 4xx -> refused with that status ({"message": ...} is passed on)
     anything else, timeouts, connection errors, malformed 2xx bodies
@@ -287,7 +288,11 @@ def _parse_grant(body: bytes) -> Grant:
     if owner is not None and not isinstance(owner, str):
         raise ValueError("owner must be a string")
 
-    return Grant(metadata=metadata, max_size=max_size, owner=owner)
+    name: Any = document.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ValueError("name must be a string")
+
+    return Grant(metadata=metadata, max_size=max_size, owner=owner, name=name)
 
 
 def _refusal_message(body: bytes) -> str | None:

@@ -15,3 +15,6 @@ class Grant:
     max_size: int | None = None
     #: Recorded with the upload and sent with the completion callback.
     owner: str | None = None
+    #: The object name the webhook chose, for dialects where the client names
+    #: no object (tus, the IETF draft); None: the dialect's own default.
+    name: str | None = None
