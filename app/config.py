@@ -150,6 +150,12 @@ class AuthConfig:
     timeout: Duration = 5.0
     forward_headers: tuple[str, ...] = ("Authorization", "Cookie")
     cache_ttl: Duration = 0.0
+    #: Connections to the webhook at once; a pool of its own, so a slow
+    #: callback receiver can never hold up authorization.
+    max_connections: int = 256
+    #: Bound on waiting for a pooled connection and connecting; ``timeout``
+    #: then bounds the webhook's answer alone.
+    connect_timeout: Duration = 10.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ class CallbacksConfig:
     timeout: Duration = 10.0
     #: First retry delay; doubles each attempt, with jitter.
     backoff: Duration = 1.0
+    #: Connections to the callback receiver at once (a pool of its own).
+    max_connections: int = 32
 
 
 @dataclass(frozen=True)
@@ -408,8 +416,12 @@ def _validate(config: Config) -> None:
         )
     if config.callbacks.max_attempts < 1:
         raise ConfigError("callbacks.max_attempts: must be at least 1")
-    if config.auth.timeout <= 0:
-        raise ConfigError("auth.timeout: must be positive")
+    if config.auth.timeout <= 0 or config.auth.connect_timeout <= 0:
+        raise ConfigError("auth.timeout, auth.connect_timeout: must be positive")
+    for name, value in (("auth.max_connections", config.auth.max_connections),
+                        ("callbacks.max_connections", config.callbacks.max_connections)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be at least 1")
     _validate_dialects(config)
 
 

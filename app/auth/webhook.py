@@ -110,7 +110,14 @@ class WebhookAuthorizer:
         self._url = config.webhook_url
         # Userinfo in the URL is a credential too; keep it out of the logs.
         self._log_url = str(URL(config.webhook_url).with_user(None))
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        # The answer is bounded by ``timeout`` once a connection is had; waiting
+        # for one (a busy pool) by ``connect_timeout``: a burst of requests
+        # queues for a connection instead of failing as if the webhook were down.
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.connect_timeout + config.timeout,
+            connect=config.connect_timeout,
+            sock_read=config.timeout,
+        )
         self._cache_size = cache_size
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, Grant]] = OrderedDict()
@@ -151,6 +158,9 @@ class WebhookAuthorizer:
             ) as response:
                 status = response.status
                 body = await _read_bounded(response)
+        except aiohttp.ConnectionTimeoutError:
+            reason = f"no connection within {self._config.connect_timeout:g}s"
+            raise self._unavailable(request, reason) from None
         except TimeoutError:
             reason = f"no answer within {self._config.timeout:g}s"
             raise self._unavailable(request, reason) from None

@@ -38,6 +38,7 @@ from app.core.model import UploadInfo
 from app.core.protocol import MAX_OBJECT_SIZE, MAX_PARTS, choose_part_size
 from app.errors import (
     BadRequest,
+    DigestMismatch,
     Forbidden,
     LengthMismatch,
     OffsetMismatch,
@@ -141,6 +142,23 @@ def check_stated_total(info: UploadInfo, total: int | None) -> None:
     if info.offset > total:
         raise TotalMismatch(
             f"{info.offset} bytes are already stored, more than {total}", offset=info.offset
+        )
+
+
+def check_completed_digests(info: UploadInfo, crc32c: bytes | None, md5: bytes | None) -> None:
+    """A request to a completed upload that states the object's digests must
+    state the stored object's: anything else is other bytes, never a 200."""
+    done = info.completed
+    assert done is not None
+    if crc32c is not None and crc32c != done.crc32c.to_bytes(4, "big"):
+        raise DigestMismatch(
+            "the upload is complete, and its crc32c differs from the one this request states; "
+            "to store other bytes, start a new upload"
+        )
+    if md5 is not None and done.md5 is not None and md5 != done.md5:
+        raise DigestMismatch(
+            "the upload is complete, and its md5 differs from the one this request states; "
+            "to store other bytes, start a new upload"
         )
 
 

@@ -123,7 +123,10 @@ class UploadEngine:
         async with self._writers.hold(name):
             info = await self._current(name, grant)
             rules.check_stated_total(info, total)
-            if info.is_complete or total is None or info.offset != total:
+            if info.is_complete:
+                self._check_completed(info, digests)
+                return Outcome(info)
+            if total is None or info.offset != total:
                 return Outcome(info)
             if info.total is None:
                 rules.check_total_fits(info, total)
@@ -166,6 +169,7 @@ class UploadEngine:
                 info = await self._create(name, chunk.total, content_type, {}, grant)
             if info.is_complete:
                 rules.check_stated_total(info, chunk.total)
+                self._check_completed(info, digests)
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(info, body, lease, plan, digests=digests, check=check)
@@ -228,6 +232,11 @@ class UploadEngine:
         info = await self._store.get(name)
         rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=grant.owner)
         return info
+
+    @staticmethod
+    def _check_completed(info: UploadInfo, digests: ClientDigests | None) -> None:
+        if digests is not None:
+            rules.check_completed_digests(info, digests.crc32c, digests.md5)
 
     def _limits(self, grant: Grant) -> rules.Limits:
         return rules.Limits(configured=self._config.max_upload_size, granted=grant.max_size)

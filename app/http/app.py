@@ -104,20 +104,26 @@ def build_app(
     app[keys.READINESS] = readiness
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession() as session:
-            app[keys.HTTP_CLIENT] = session
+        # One pool each: a hung callback receiver must not delay authorization.
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=config.auth.max_connections, limit_per_host=0)
+        ) as auth_session, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=config.callbacks.max_connections, limit_per_host=0
+            )
+        ) as callbacks_session:
             own_store = store is None
             active_store = await open_store(config.storage) if store is None else store
             try:
                 app[keys.STORE] = active_store
                 if isinstance(active_store, MetricsAware):
                     active_store.attach_metrics(metrics)
-                inner = authorizer or make_authorizer(config.auth, session)
+                inner = authorizer or make_authorizer(config.auth, auth_session)
                 if isinstance(getattr(inner, "calls", None), int):
                     metrics.track_webhook_calls(lambda: getattr(inner, "calls", 0))
                 app[keys.AUTHORIZER] = MeasuredAuthorizer(inner, metrics)
                 outbox = active_store if isinstance(active_store, CallbackOutbox) else None
-                notifier = CompletionNotifier(config.callbacks, outbox, session)
+                notifier = CompletionNotifier(config.callbacks, outbox, callbacks_session)
                 app[keys.NOTIFIER] = notifier
                 metrics.track_callbacks(notifier)
 

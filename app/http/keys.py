@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from app.auth.webhook import Authorizer
@@ -20,7 +19,6 @@ ENGINE = web.AppKey("engine", UploadEngine)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
 NOTIFIER = web.AppKey("notifier", CompletionNotifier)
 WRITERS = web.AppKey("writers", WriterRegistry)
-HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 

@@ -33,15 +33,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with control characters shown as escapes, so a value that came
+    from a client (a path with ``%0D%0A``) cannot start a forged log line."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Only the record's own line is escaped; a traceback appended after it
+        # keeps its line breaks.
+        return escape_controls(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = [f"{n}={getattr(record, n)}" for n in _EXTRA_FIELDS
+        extras = [f"{n}={escape_controls(str(getattr(record, n)))}" for n in _EXTRA_FIELDS
                   if getattr(record, n, None) is not None and n not in ("method",)]
-        return f"{line} {' '.join(extras)}" if extras else line
+        if not extras:
+            return line
+        head, newline, rest = line.partition("\n")
+        return f"{head} {' '.join(extras)}{newline}{rest}"
 
 
 def setup_logging(config: LoggingConfig) -> None:

@@ -31,7 +31,8 @@ class OurDialect:
     name = NAME
 
     def routes(self) -> Sequence[Route]:
-        path = UPLOAD_PREFIX + "{name:.*}"
+        # [\s\S]: a name with a line break must reach validation (400), not miss.
+        path = UPLOAD_PREFIX + r"{name:[\s\S]*}"
         return [
             Route("PUT", path, put_upload),
             Route("POST", path, post_upload),
