@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from app.http import keys
 from tests import test_http
 from tests.test_http import crc_b64, put_range, stored_object
-from tests.test_http_auth import T1, auth_config, callbacks_config, eventually, main, probe_as
+from tests.test_http_auth import T1, T2, auth_config, callbacks_config, eventually, main, probe_as
 
 proxies = test_http.proxies
 http = test_http.http
 __all__ = ["main"]  # the fake main application's fixture, shared with test_http_auth
 
+MIB = 1024 * 1024
 BOTH = pytest.mark.parametrize("store_kind", ["filesystem", "s3"])
 
 
@@ -96,3 +99,29 @@ async def test_a_hung_callback_receiver_cannot_delay_authorization(proxies, http
         assert resp.status == 200
     finally:
         main.gate.set()
+
+
+@BOTH
+async def test_refused_probes_cost_a_running_upload_nothing(proxies, http, main) -> None:
+    proxy = await proxies.start(auth=auth_config(main.auth_url))
+    writers = proxy.app[keys.WRITERS]
+    name = "owned/a.bin"
+    url = f"{proxy.url}/upload/{name}"
+    data = os.urandom(2 * MIB)
+    release = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:MIB]
+        await release.wait()
+        yield data[MIB:]
+
+    upload = asyncio.create_task(http.put(url, data=body(), headers={
+        **T1, "Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}))
+    await eventually(lambda: writers.is_held(name))
+    for _ in range(20):
+        assert (await probe_as(http, url, T2)).status == 403
+    release.set()
+    resp = await upload
+    assert resp.status == 200, await resp.text()
+    assert writers.takeovers == 0
+    assert (await resp.json())["crc32c"] == crc_b64(data)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from app.core.protocol import Chunk
 from app.engine.writers import Lease, WriterRegistry
 from app.errors import (
     DigestMismatch,
+    Forbidden,
     LengthMismatch,
     StorageUnavailable,
     TooLarge,
@@ -120,7 +122,7 @@ class UploadEngine:
         self, name: str, total: int | None, grant: Grant, digests: ClientDigests | None = None
     ) -> Outcome:
         """A ``bytes */T`` probe; finalizes when ``T`` bytes are all present."""
-        async with self._writers.hold(name):
+        async with self._exclusive(name, grant):
             info = await self._current(name, grant)
             rules.check_stated_total(info, total)
             if info.is_complete:
@@ -160,7 +162,7 @@ class UploadEngine:
             chunk.total if chunk.total is not None else chunk.end + 1, limits
         )
         request = rules.AppendRequest(start=chunk.start, length=chunk.length, total=chunk.total)
-        async with self._writers.hold(name) as lease:
+        async with self._exclusive(name, grant) as lease:
             try:
                 info = await self._current(name, grant)
             except UploadNotFound:
@@ -187,7 +189,7 @@ class UploadEngine:
         """A plain ``PUT`` without ``Content-Range``: a new upload of the whole object."""
         limits = self._limits(grant)
         rules.check_declared_size(content_length, limits)
-        async with self._writers.hold(name) as lease:
+        async with self._exclusive(name, grant) as lease:
             await self._check_replaceable(name, grant)
             info = await self._create(name, content_length, content_type, {}, grant)
             plan = rules.WritePlan(
@@ -213,12 +215,12 @@ class UploadEngine:
         the session has a name of its own (an id session) and its object goes
         to ``target``."""
         rules.check_declared_size(total, self._limits(grant))
-        async with self._writers.hold(name):
+        async with self._exclusive(name, grant):
             await self._check_replaceable(name, grant)
             return await self._create(name, total, content_type, metadata, grant, target)
 
     async def cancel(self, name: str, grant: Grant) -> None:
-        async with self._writers.hold(name):
+        async with self._exclusive(name, grant):
             info = await self._current(name, grant)
             # Only the session that was checked: another process may have
             # replaced it since, and that newer upload is not ours to cancel.
@@ -226,6 +228,27 @@ class UploadEngine:
             log.info("upload %r cancelled", name)
 
     # -- internals --------------------------------------------------------
+
+    @asynccontextmanager
+    async def _exclusive(self, name: str, grant: Grant) -> AsyncIterator[Lease]:
+        """Become the one request working on ``name``. Taking over asks a
+        running writer to stop, so a request that the upload's owner would
+        refuse is refused first: another user's probes cost it nothing."""
+        holder = self._writers.holder(name)
+        if holder is not None and grant.owner is not None:
+            if holder.owner is not None and holder.owner != grant.owner:
+                raise Forbidden("this upload belongs to another owner")
+            if holder.owner is None:
+                await self._check_owner_of_stored(name, grant)
+        async with self._writers.hold(name, grant.owner) as lease:
+            yield lease
+
+    async def _check_owner_of_stored(self, name: str, grant: Grant) -> None:
+        try:
+            info = await self._store.get(name)
+        except UploadNotFound:
+            return
+        rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=grant.owner)
 
     async def _current(self, name: str, grant: Grant) -> UploadInfo:
         """The live upload, or ``UploadNotFound`` (expired counts as gone)."""

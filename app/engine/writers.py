@@ -28,6 +28,8 @@ class Lease:
     """Held by the request currently working on an upload."""
 
     name: str
+    #: The owner the holding request was authorized as (None: unbound).
+    owner: str | None = None
     stop_requested: bool = False
     _on_stop: list[Callable[[], None]] = field(default_factory=list)
 
@@ -64,8 +66,16 @@ class WriterRegistry:
     def active(self) -> int:
         return sum(1 for slot in self._slots.values() if slot.holder is not None)
 
+    def holder(self, name: str) -> Lease | None:
+        """The lease of the request working on ``name`` right now, if any."""
+        slot = self._slots.get(name)
+        return None if slot is None else slot.holder
+
+    def is_held(self, name: str) -> bool:
+        return self.holder(name) is not None
+
     @asynccontextmanager
-    async def hold(self, name: str) -> AsyncIterator[Lease]:
+    async def hold(self, name: str, owner: str | None = None) -> AsyncIterator[Lease]:
         """Become the only request working on ``name``, taking over from a
         current holder. Raises ``WriterBusy`` if it does not let go in time."""
         slot = self._slots.setdefault(name, _Slot())
@@ -82,7 +92,7 @@ class WriterRegistry:
                 raise WriterBusy(
                     "another request for this upload is still saving its data; retry shortly"
                 ) from None
-            lease = Lease(name)
+            lease = Lease(name, owner)
             slot.holder = lease
             try:
                 yield lease
