@@ -24,8 +24,8 @@ from app.errors import InvalidName, OffsetMismatch, StorageUnavailable, UploadNo
 from app.stores.base import CallbackOutbox, HealthCheck
 from app.stores.filesystem import store as fs_module
 from app.stores.filesystem.store import FilesystemStore
-from tests.stores.conformance import append, chunked, new_upload, payload
 from tests.stores.fixtures import storage_config
+from tests.stores.kit.helpers import append, chunked, new_upload, payload
 
 MIB = 1024 * 1024
 
