@@ -220,7 +220,7 @@ class MemoryStore:
 
     def _append(self, mine: UploadInfo, data: bytes) -> UploadInfo:
         """Store ``data`` at the end of the upload and count it at once."""
-        failure = None
+        failure: TotalMismatch | None = None
         if mine.total is not None and mine.offset + len(data) > mine.total:
             # Keep what fits, refuse the rest: bytes past the total would make
             # the object something the client never declared.
