@@ -121,7 +121,7 @@ class S3Config:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    backend: Literal["filesystem", "s3"] = "filesystem"
+    backend: Literal["filesystem", "s3", "memory"] = "filesystem"
     part_size: Size = 6 * 1024 * 1024
     #: Largest object accepted; unset means only the store's own limits apply.
     max_upload_size: Size | None = None

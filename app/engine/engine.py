@@ -454,7 +454,12 @@ class UploadEngine:
     async def _discard(self, info: UploadInfo, algorithm: str) -> None:
         log.warning("upload %r: %s mismatch with the client's digest; discarding it",
                     info.name, algorithm)
-        await self._store.cancel(info.name)
+        try:
+            # Only this session: another process may have replaced the upload
+            # since, and that newer upload is not ours to discard.
+            await self._store.cancel(info.name, session_id=info.session_id)
+        except UploadNotFound:
+            pass  # replaced or cancelled meanwhile: nothing of this session is left
 
 
 async def _replay(held: list[bytes]) -> AsyncIterator[bytes]:

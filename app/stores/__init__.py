@@ -12,6 +12,10 @@ async def open_store(config: StorageConfig) -> Store:
         from app.stores.s3.store import S3Store
 
         return await S3Store.open(config)
+    if config.backend == "memory":
+        from app.stores.memory import MemoryStore
+
+        return await MemoryStore.open(config)
     from app.stores.filesystem.store import FilesystemStore
 
     return await FilesystemStore.open(config)

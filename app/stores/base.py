@@ -6,7 +6,9 @@ it is finished into an object at ``name``, or cancelled. How bytes are laid out
 (S3 parts of equal size, staged tails, files) is the store's business alone:
 S3's 5 MiB minimum part never leaks out of the S3 store.
 
-Promises every store keeps (checked by ``tests/stores/conformance.py``):
+Promises every store keeps (checked by the store kit, ``tests/stores/kit/``;
+``app/stores/memory.py`` is the reference implementation, and
+``docs/stores.md`` says how to write a store and run the kit against it):
 
 * **Durable on return.** When ``write`` returns, every byte it counts in the
   returned ``offset`` survives a crash of this process, and a new store

@@ -22,10 +22,10 @@ from app.config import StorageConfig
 from app.config import replace as replace_config
 from app.errors import InvalidName, OffsetMismatch, StorageUnavailable, UploadNotFound
 from app.stores.base import CallbackOutbox, HealthCheck
-from app.stores.filesystem import store as fs_module
+from app.stores.filesystem import fsio as fs_module
 from app.stores.filesystem.store import FilesystemStore
-from tests.stores.conformance import append, chunked, new_upload, payload
 from tests.stores.fixtures import storage_config
+from tests.stores.kit.helpers import append, chunked, new_upload, payload
 
 MIB = 1024 * 1024
 
@@ -310,13 +310,13 @@ async def test_blocking_io_runs_off_the_event_loop(
     store: FilesystemStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: set[str] = set()
-    real_write_all = fs_module._write_all
+    real_write_all = fs_module.write_all
 
     def spy(fd: int, data: bytes) -> None:
         threads.add(threading.current_thread().name)
         real_write_all(fd, data)
 
-    monkeypatch.setattr(fs_module, "_write_all", spy)
+    monkeypatch.setattr(fs_module, "write_all", spy)
     info = await new_upload(store, "threads.bin", total=6 * MIB)
     info = await store.write(info, chunked(payload(6 * MIB), 1024))
     await store.finish(info)
@@ -327,7 +327,7 @@ async def test_disk_full_mid_write_keeps_the_durable_prefix(
     store: FilesystemStore, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = payload(9 * MIB, seed=4)
-    real_write_all = fs_module._write_all
+    real_write_all = fs_module.write_all
     big_writes = 0
 
     def fill_up(fd: int, chunk: bytes) -> None:
@@ -339,7 +339,7 @@ async def test_disk_full_mid_write_keeps_the_durable_prefix(
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, chunk)
 
-    monkeypatch.setattr(fs_module, "_write_all", fill_up)
+    monkeypatch.setattr(fs_module, "write_all", fill_up)
     info = await new_upload(store, "full.bin", total=len(data))
     with pytest.raises(StorageUnavailable) as caught:
         await append(store, info, data, chunk_size=MIB)
@@ -349,7 +349,7 @@ async def test_disk_full_mid_write_keeps_the_durable_prefix(
     assert kept.offset == 4 * MIB  # the first batch, and not one byte of the second
     assert kept.crc32c == google_crc32c.value(data[: kept.offset])
 
-    monkeypatch.setattr(fs_module, "_write_all", real_write_all)
+    monkeypatch.setattr(fs_module, "write_all", real_write_all)
     kept = await append(store, kept, data[kept.offset :])
     await store.finish(kept)
     assert (root / "full.bin").read_bytes() == data
