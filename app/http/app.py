@@ -25,7 +25,7 @@ from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized, Up
 from app.http import keys
 from app.http.dialects import ours as handlers
 from app.ops.health import READINESS, Readiness, healthz, readyz
-from app.ops.metrics import Metrics, MetricsAware
+from app.ops.metrics import Metrics
 from app.stores import open_store
 from app.stores.base import CallbackOutbox, Store, UploadInfo
 
@@ -194,8 +194,7 @@ def create_app(
             active_store = await open_store(config.storage) if store is None else store
             try:
                 app[keys.STORE] = active_store
-                if isinstance(active_store, MetricsAware):
-                    active_store.attach_metrics(metrics)
+                metrics.track_calls(active_store)
                 inner = authorizer or make_authorizer(config.auth, session)
                 if isinstance(getattr(inner, "calls", None), int):
                     metrics.track_webhook_calls(lambda: getattr(inner, "calls", 0))

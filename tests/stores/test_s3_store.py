@@ -28,10 +28,17 @@ from app.config import Config
 from app.config import replace as config_replace
 from app.core.protocol import MAX_OBJECT_SIZE, MAX_PARTS, MIB
 from app.errors import OffsetMismatch, StorageUnavailable, TooLarge, TotalMismatch
-from app.ops.cleanup import NotAnOrphan, Orphan, OrphanSweeper
-from app.ops.metrics import Metrics, MetricsAware
-from app.stores.base import CallbackOutbox, HealthCheck, UploadInfo
-from app.stores.s3.records import _Record
+from app.ops.metrics import Metrics
+from app.stores.base import (
+    CallbackOutbox,
+    HealthCheck,
+    NotAnOrphan,
+    Orphan,
+    OrphanSweeper,
+    ReportsCalls,
+    UploadInfo,
+)
+from app.stores.s3.records import Record
 from app.stores.s3.store import S3Store
 from tests.stores.fixtures import storage_config
 
@@ -497,10 +504,10 @@ def s3_calls(metrics: Metrics, operation: str) -> float:
 
 async def test_attached_metrics_time_the_stores_s3_calls(open_s3):
     store = await open_s3()
-    assert isinstance(store, MetricsAware)
+    assert isinstance(store, ReportsCalls)
     metrics = Metrics()
-    store.attach_metrics(metrics)
-    store.attach_metrics(metrics)  # a second attach must not count twice
+    store.observe_calls(metrics.s3_calls)
+    store.observe_calls(metrics.s3_calls)  # a second attach must not count twice
     data = payload(P + 1000, seed=7)
     # Total unknown while writing: part 1 is uploaded, the rest staged.
     info = await store.write(await create(store, "metered.bin", None), stream(data))
@@ -696,10 +703,10 @@ async def test_remove_orphan_checks_again_before_removing(
 
     # A create that was slow to write its record does so now...
     now = time.time()
-    late = _Record(name="late.bin", session_id="a" * 32, upload_id=late_id, offset=0,
+    late = Record(name="late.bin", session_id="a" * 32, upload_id=late_id, offset=0,
                    total=None, part_size=P, crc32c=0, content_type="x", metadata={},
                    owner=None, created_at=now, updated_at=now, checksum_algorithm=None)
-    await store._put_record(late, if_match=None)
+    await store.records.put(late, if_match=None)
     # ... and a client starts the dead upload over.
     await create(store, "dead.bin", None)
 
@@ -739,7 +746,7 @@ async def test_find_orphans_pages_through_more_than_1000_uploads(
 ):
     store = await open_s3()
     metrics = Metrics()
-    store.attach_metrics(metrics)
+    store.observe_calls(metrics.s3_calls)
     live = await create(store, "m/live.bin", None)
     names = [f"m/{i:04d}.bin" for i in range(1001)]
     with ThreadPoolExecutor(16) as pool:
