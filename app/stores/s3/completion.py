@@ -15,9 +15,9 @@ from app.errors import BadRequest, StorageUnavailable, UploadNotFound
 from app.stores.base import CompletedObject
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES, S3Refusal
+from app.stores.s3.parts import BufferGauge, upload_part
 from app.stores.s3.records import SESSION_META, Layout, Record
 from app.stores.s3.staged import StagedData
-from app.stores.s3.writer import BufferGauge, upload_part
 
 log = logging.getLogger("app.stores.s3")
 

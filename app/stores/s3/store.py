@@ -31,7 +31,8 @@ collaborators that each own one concern:
   everything lives, conditional record reads and writes, record scans.
 * ``staged.StagedData``: staged tail objects and the cache of them.
 * ``writer.Writer``: the write loop, parts in flight, staging of the tail,
-  honest cancellation; ``writer.BufferGauge`` counts the part buffers held.
+  honest cancellation; ``parts.py`` its bookkeeping, the UploadPart call and
+  ``BufferGauge``, the count of part buffers held.
 * ``completion.Completion``: the MPU (and its staged tail) into the object.
 * ``sweeper.S3OrphanSweeper``: crash leftovers, found and removed (the
   store's ``OrphanSweeper`` capability delegates to it).
@@ -55,10 +56,11 @@ from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
 from app.stores.s3.completion import Completion, object_metadata
 from app.stores.s3.errors import S3Refusal
+from app.stores.s3.parts import BufferGauge
 from app.stores.s3.records import Layout, Record, Records
 from app.stores.s3.staged import StagedData
 from app.stores.s3.sweeper import S3OrphanSweeper
-from app.stores.s3.writer import BufferGauge, Writer
+from app.stores.s3.writer import Writer
 
 log = logging.getLogger("app.stores.s3")
 

@@ -15,16 +15,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import TypeVar
 
-from app.core.digests import crc32c_b64, crc32c_extend
+from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
 from app.errors import TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
-from app.stores.s3.errors import NO_UPLOAD_CODES, S3Refusal, translate
-from app.stores.s3.records import Layout, Record, Records, Segment
+from app.stores.s3.errors import S3Refusal, translate
+from app.stores.s3.parts import BufferGauge, Fill, WriteState, upload_part
+from app.stores.s3.records import Layout, Record, Records
 from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
@@ -37,24 +38,6 @@ MAX_STAGED_SEGMENTS = 32
 _CANCEL_CLEANUP_SECONDS = 10.0
 
 _T = TypeVar("_T")
-
-
-class BufferGauge:
-    """Bytes of part buffers the store holds right now, and the peak."""
-
-    def __init__(self) -> None:
-        self.held = 0
-        self.peak = 0
-
-    def hold(self, size: int) -> None:
-        self.held += size
-        self.peak = max(self.peak, self.held)
-
-    def release(self, size: int) -> None:
-        self.held -= size
-
-    def reset_peak(self) -> None:
-        self.peak = self.held
 
 
 async def settled(step: Awaitable[_T]) -> _T:
@@ -81,23 +64,6 @@ async def settled(step: Awaitable[_T]) -> _T:
     return result
 
 
-async def upload_part(
-    client: S3Client, layout: Layout, record: Record, number: int, body: bytes | bytearray,
-    part_crc: int,
-) -> dict[str, Any]:
-    """UploadPart ``number`` of the record's multipart upload."""
-    params: dict[str, Any] = {
-        "Key": layout.object_key(record.name),
-        "UploadId": record.upload_id,
-        "PartNumber": number,
-        "Body": body,
-    }
-    if record.checksum_algorithm:
-        # S3 rejects the part if the bytes it got do not match this CRC.
-        params["ChecksumCRC32C"] = crc32c_b64(part_crc)
-    return await client.call("UploadPart", NO_UPLOAD_CODES, **params)
-
-
 async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> None:
     """Close a chunk stream the write stops reading early (if it can be closed)."""
     closer = getattr(chunks, "aclose", None)
@@ -107,73 +73,6 @@ async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> 
         await closer()
     except Exception:
         log.debug("closing the chunk stream failed", exc_info=True)
-
-
-@dataclass
-class WriteState:
-    """Bookkeeping shared by a write's main loop and its part-upload tasks."""
-
-    record: Record
-    etag: str
-    #: Settled total for this write (the record's or the one ``write`` got).
-    total: int | None
-    #: Staged segments at the start of the write: the prefix of its first part.
-    prefix: tuple[Segment, ...]
-    first_part: int
-    #: Highest part number the record covers; parts above it are not durable yet.
-    committed_part: int
-    semaphore: asyncio.Semaphore
-    gauge: BufferGauge
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    done: set[int] = field(default_factory=set)
-    #: Part number -> (offset at its end, CRC32C of [0, that offset)).
-    boundaries: dict[int, tuple[int, int]] = field(default_factory=dict)
-    failure: BaseException | None = None
-    buffered: int = 0
-    #: Segments this write began to stage: a cancellation deletes those the
-    #: record does not name.
-    staging: list[Segment] = field(default_factory=list)
-
-    def fail(self, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = exc
-
-    def hold(self, size: int) -> None:
-        self.gauge.hold(size)
-        self.buffered += size
-
-    def release(self, size: int) -> None:
-        self.gauge.release(size)
-        self.buffered -= size
-
-
-@dataclass
-class _Fill:
-    """The part being filled, and where the write has got to."""
-
-    size: int
-    limit: int
-    number: int
-    start: int
-    length: int
-    #: Bytes of the part present (staged ones included), and where this write's start.
-    pos: int
-    new_from: int
-    prefix_len: int
-    part_crc: int
-    #: Upload offset reached and the CRC32C of [0, offset).
-    offset: int
-    crc: int
-    buf: bytearray | None = None
-
-    def next_part(self) -> None:
-        self.number += 1
-        self.start += self.length
-        self.length = min(self.size, self.limit - self.start)
-        self.pos = self.new_from = self.prefix_len = 0
-        self.part_crc = 0
-        self.buf = None
 
 
 class Writer:
@@ -239,13 +138,13 @@ class Writer:
         return state.record.to_info(state.etag)
 
     @staticmethod
-    def _start_fill(state: WriteState) -> _Fill:
+    def _start_fill(state: WriteState) -> Fill:
         record = state.record
         size = record.part_size
         limit = state.total if state.total is not None else size * MAX_PARTS
         start = (state.first_part - 1) * size
         prefix_len = record.offset - start
-        return _Fill(
+        return Fill(
             size=size, limit=limit, number=state.first_part, start=start,
             length=min(size, limit - start), pos=prefix_len, new_from=prefix_len,
             prefix_len=prefix_len, part_crc=record.tail_crc32c if prefix_len else 0,
@@ -253,7 +152,7 @@ class Writer:
         )
 
     async def _read_body(
-        self, state: WriteState, fill: _Fill, stream: AsyncIterator[bytes]
+        self, state: WriteState, fill: Fill, stream: AsyncIterator[bytes]
     ) -> tuple[UploadError | None, BaseException | None]:
         """Read chunks into parts until the stream ends, overflows or a part
         fails; (overflow, stream error) tell why it stopped."""
@@ -279,7 +178,7 @@ class Writer:
         return None, None
 
     @staticmethod
-    def _overflow(state: WriteState, fill: _Fill) -> UploadError:
+    def _overflow(state: WriteState, fill: Fill) -> UploadError:
         if state.total is not None:
             return TotalMismatch(
                 f"more bytes than the declared total of {fill.limit} for {state.record.name!r}"
@@ -289,7 +188,7 @@ class Writer:
             f"of {fill.size} bytes ({fill.limit} bytes)"
         )
 
-    async def _take(self, state: WriteState, fill: _Fill, data: bytes) -> bool:
+    async def _take(self, state: WriteState, fill: Fill, data: bytes) -> bool:
         """Copy ``data`` into parts, launching each one that fills; False when
         a part failed and the rest can never become durable."""
         with_part_crc = bool(state.record.checksum_algorithm)
@@ -314,7 +213,7 @@ class Writer:
                 fill.next_part()
         return True
 
-    async def _launch_part(self, state: WriteState, fill: _Fill) -> bool:
+    async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
         assert fill.buf is not None
         # Waiting here while holding the full buffer is what bounds memory to
@@ -369,7 +268,7 @@ class Writer:
             state.record = record
             state.committed_part = last
 
-    async def _persist_tail(self, state: WriteState, fill: _Fill) -> None:
+    async def _persist_tail(self, state: WriteState, fill: Fill) -> None:
         """Stage the bytes past the last full part and record the new state."""
         staged, tail_crc = state.record.staged, state.record.tail_crc32c
         # A staged tail is always shorter than a part: the loop uploads every
@@ -393,7 +292,7 @@ class Writer:
             state.etag = await settled(self._records.put(updated, if_match=state.etag))
             state.record = updated
 
-    async def _remainder(self, state: WriteState, fill: _Fill) -> tuple[bytes, int]:
+    async def _remainder(self, state: WriteState, fill: Fill) -> tuple[bytes, int]:
         """The bytes to stage after the last full part, and their start offset."""
         assert fill.buf is not None
         record = state.record
