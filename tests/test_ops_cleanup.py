@@ -28,14 +28,11 @@ from app.errors import StorageUnavailable, UploadNotFound
 from app.ops.cleanup import (
     CleanupAction,
     CleanupReport,
-    NotAnOrphan,
-    Orphan,
-    OrphanSweeper,
     format_idle,
     run_cleanup,
 )
 from app.stores import open_store
-from app.stores.base import Store, UploadInfo
+from app.stores.base import NotAnOrphan, Orphan, OrphanSweeper, Store, UploadInfo
 from tests.relay import TcpRelay
 from tests.stores.fixtures import StoreHarness
 from tests.stores.test_s3_store import emulate_s3_upload_listing

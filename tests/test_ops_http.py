@@ -24,8 +24,9 @@ from app.config import Config, config_from_mapping, replace
 from app.errors import Forbidden
 from app.http import keys
 from app.ops.logs import JsonFormatter
-from app.ops.metrics import Metrics, instrument_s3_client
+from app.ops.metrics import Metrics
 from app.service import create_app
+from app.stores.s3.client import observe_client_calls
 from tests.relay import TcpRelay
 
 MIB = 1024 * 1024
@@ -209,14 +210,14 @@ async def test_instrumented_s3_client_records_latency_and_errors(
                        s3={"addressing_style": "path"})
     async with get_session().create_client("s3", endpoint_url=moto_endpoint,
                                            region_name="us-east-1", config=config) as client:
-        instrument_s3_client(client, metrics)
-        instrument_s3_client(client, metrics)  # twice: still counted once
+        observe_client_calls(client, metrics.s3_calls)
+        observe_client_calls(client, metrics.s3_calls)  # twice: still counted once
         await client.put_object(Bucket=bucket, Key="k", Body=b"x")
         with pytest.raises(ClientError):
             await client.get_object(Bucket=bucket, Key="missing")
     async with get_session().create_client("s3", endpoint_url=relay.url,
                                            region_name="us-east-1", config=config) as client:
-        instrument_s3_client(client, metrics)
+        observe_client_calls(client, metrics.s3_calls)
         relay.stop()
         with pytest.raises(EndpointConnectionError):
             await client.head_object(Bucket=bucket, Key="k")

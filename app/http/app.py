@@ -29,7 +29,7 @@ from app.http.dialect import Dialect, mount
 from app.http.dialects.ours import OurDialect
 from app.http.middleware import errors_and_access_log
 from app.ops.health import Readiness
-from app.ops.metrics import Metrics, MetricsAware
+from app.ops.metrics import Metrics
 from app.stores.base import CallbackOutbox, Store, UploadInfo
 
 log = logging.getLogger("app.server")
@@ -116,8 +116,7 @@ def build_app(
             active_store = await open_store(config.storage) if store is None else store
             try:
                 app[keys.STORE] = active_store
-                if isinstance(active_store, MetricsAware):
-                    active_store.attach_metrics(metrics)
+                metrics.track_calls(active_store)
                 inner = authorizer or make_authorizer(config.auth, auth_session)
                 if isinstance(getattr(inner, "calls", None), int):
                     metrics.track_webhook_calls(lambda: getattr(inner, "calls", 0))

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol
 
 import aiohttp
 
@@ -47,54 +47,20 @@ from app.config import Config, ConfigError, load_config, parse_duration
 from app.errors import UploadError, UploadNotFound
 from app.ops.logs import setup_logging
 from app.stores import open_store
-from app.stores.base import CallbackOutbox, Store, UploadInfo
+from app.stores.base import (
+    CallbackOutbox,
+    NotAnOrphan,
+    Orphan,
+    OrphanSweeper,
+    Store,
+    UploadInfo,
+)
 
 log = logging.getLogger("app.cleanup")
 
 #: Aborts (or orphan removals) in flight at once: enough to get through a big
 #: backlog in minutes, few enough not to crowd the storage the server also uses.
 DEFAULT_CONCURRENCY = 8
-
-OrphanKind = Literal["multipart_upload", "staged_data", "session_record"]
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """Storage left behind by a crash that no live upload refers to."""
-
-    kind: OrphanKind
-    #: The object key, or key prefix for a group of staged objects, it concerns.
-    key: str
-    #: The S3 multipart upload id, for ``multipart_upload`` orphans.
-    upload_id: str | None = None
-    #: Bytes it holds, as far as the store could tell cheaply (0 if unknown).
-    size: int = 0
-    #: Unix time of its last change (S3: ``Initiated`` / ``LastModified``).
-    last_modified: float = 0.0
-
-
-class NotAnOrphan(Exception):
-    """Raised by ``remove_orphan`` when its re-check finds the storage in use
-    after all (a session record appeared for it, say); nothing was removed."""
-
-
-@runtime_checkable
-class OrphanSweeper(Protocol):
-    """A store that can find and remove storage no session record accounts for.
-
-    ``find_orphans`` returns only orphans whose last change is older than
-    ``now - older_than``: a multipart upload a moment old may belong to a
-    ``create`` that has not written its record yet. It must never return a
-    completed upload's record, an object outside the store's prefix, or
-    anything a live session refers to. ``remove_orphan`` checks again that the
-    orphan is still one (raising ``NotAnOrphan`` if not), removes it and
-    returns the bytes freed (0 when unknown, or when it was already gone).
-    """
-
-    async def find_orphans(self, older_than: float, now: float) -> list[Orphan]: ...
-
-    async def remove_orphan(self, orphan: Orphan) -> int: ...
-
 
 @dataclass(frozen=True)
 class CleanupAction:

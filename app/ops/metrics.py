@@ -8,16 +8,14 @@ and fail on duplicate names.
 Counters that the app already keeps elsewhere (writer takeovers, webhook
 calls) are read when scraped rather than mirrored, so they can never drift.
 
-S3 request latency and errors come from botocore's event hooks on the client;
-``instrument_s3_client`` attaches them, and a store that owns an S3 client
-offers it through ``MetricsAware.attach_metrics``.
+S3 request latency and errors: a store that ``ReportsCalls`` (the S3 store,
+from its client's event hooks) tells ``Metrics.s3_calls``, a ``CallObserver``,
+about each call; the store never sees Prometheus.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -26,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from app.callbacks.notifier import CompletionNotifier
 from app.engine.writers import WriterRegistry
+from app.stores.base import ReportsCalls
 
 NAMESPACE = "upload_proxy"
 
@@ -55,6 +54,20 @@ class _FunctionCounters(Collector):
     def collect(self) -> Iterator[Metric]:
         for name, (documentation, read) in self._sources.items():
             yield CounterMetricFamily(name, documentation, value=float(read()))
+
+
+class S3CallMetrics:
+    """The ``CallObserver`` that counts a store's S3 calls. One per ``Metrics``,
+    so observing with it twice reports each call once."""
+
+    def __init__(self, duration: Histogram, errors: Counter) -> None:
+        self._duration = duration
+        self._errors = errors
+
+    def __call__(self, operation: str, seconds: float, error: str | None) -> None:
+        self._duration.labels(operation).observe(seconds)
+        if error is not None:
+            self._errors.labels(operation, error).inc()
 
 
 class Metrics:
@@ -109,6 +122,7 @@ class Metrics:
         self.s3_errors = Counter(
             "s3_errors", "Failed S3 API calls by S3 error code or transport exception.",
             ["operation", "code"], namespace=ns, registry=r)
+        self.s3_calls = S3CallMetrics(self.s3_request_duration, self.s3_errors)
         self._function_counters = _FunctionCounters()
         r.register(self._function_counters)
         self.buffered_bytes.set_function(lambda: 0.0)
@@ -133,6 +147,11 @@ class Metrics:
 
         self.buffered_bytes.set_function(buffered)
 
+    def track_calls(self, store: object) -> None:
+        """Count the backend calls of ``store`` if it ``ReportsCalls``."""
+        if isinstance(store, ReportsCalls):
+            store.observe_calls(self.s3_calls)
+
     def track_callbacks(self, notifier: CompletionNotifier) -> None:
         for name, doc, attr in (
             ("callbacks_delivered", "Completion callbacks the main application accepted.",
@@ -155,59 +174,3 @@ class Metrics:
         ``Accept`` header asks for (Prometheus text 0.0.4 when it asks nothing)."""
         encode, content_type = choose_encoder(accept)
         return encode(self.registry), content_type
-
-
-@runtime_checkable
-class MetricsAware(Protocol):
-    """A store that can report its own metrics (the S3 store: its client's calls)."""
-
-    def attach_metrics(self, metrics: Metrics) -> None: ...
-
-
-def instrument_s3_client(client: Any, metrics: Metrics) -> None:
-    """Record every S3 API call of ``client`` (an aiobotocore or botocore S3
-    client): latency by operation, and errors by S3 error code or, for
-    transport failures, by exception class name.
-
-    botocore emits ``before-call.s3.<Op>`` before the first attempt,
-    ``after-call.s3.<Op>`` once a response was parsed (including error
-    responses such as 404/412, after retries), and ``after-call-error.s3.<Op>``
-    when no response came at all (connection refused, timeouts), also after
-    retries. Instrumenting a client twice for the same ``Metrics`` has no further
-    effect.
-    """
-    events = client.meta.events
-    # botocore hands the before-call, after-call and after-call-error events of
-    # one API call the same context dict; keys unique to this metrics object
-    # let two apps instrument one shared client without stealing each other's
-    # start times.
-    tag = f"upload-proxy-metrics-{id(metrics)}"
-    started_key, operation_key = f"{tag}-started", f"{tag}-operation"
-
-    def before_call(context: dict[str, Any], model: Any, **_: Any) -> None:
-        context[started_key] = time.perf_counter()
-        context[operation_key] = model.name
-
-    def after_call(
-        http_response: Any, parsed: dict[str, Any], model: Any, context: dict[str, Any],
-        **_: Any,
-    ) -> None:
-        _observe(context, model.name)
-        status = getattr(http_response, "status_code", 200)
-        if status >= 300:
-            code = (parsed.get("Error") or {}).get("Code") or str(status)
-            metrics.s3_errors.labels(model.name, str(code)).inc()
-
-    def after_call_error(exception: BaseException, context: dict[str, Any], **_: Any) -> None:
-        operation = str(context.get(operation_key, "unknown"))
-        _observe(context, operation)
-        metrics.s3_errors.labels(operation, type(exception).__name__).inc()
-
-    def _observe(context: dict[str, Any], operation: str) -> None:
-        started = context.pop(started_key, None)
-        if started is not None:
-            metrics.s3_request_duration.labels(operation).observe(time.perf_counter() - started)
-
-    events.register("before-call.s3", before_call, unique_id=f"{tag}-before")
-    events.register("after-call.s3", after_call, unique_id=f"{tag}-after")
-    events.register("after-call-error.s3", after_call_error, unique_id=f"{tag}-error")

@@ -37,11 +37,14 @@ implementing it, never by raising ``NotImplementedError``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
 
 from app.core.model import CompletedObject, PendingCallback, UploadInfo
 
 __all__ = ["CompletedObject", "PendingCallback", "UploadInfo"]
+
+OrphanKind = Literal["multipart_upload", "staged_data", "session_record"]
 
 
 class Store(Protocol):
@@ -136,3 +139,67 @@ class CallbackOutbox(Protocol):
         ...
 
     async def list_pending(self) -> list[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """Storage left behind by a crash that no live upload refers to."""
+
+    kind: OrphanKind
+    #: The object key, or key prefix for a group of staged objects, it concerns.
+    key: str
+    #: The S3 multipart upload id, for ``multipart_upload`` orphans.
+    upload_id: str | None = None
+    #: Bytes it holds, as far as the store could tell cheaply (0 if unknown).
+    size: int = 0
+    #: Unix time of its last change (S3: ``Initiated`` / ``LastModified``).
+    last_modified: float = 0.0
+    #: ``staged_data``: the key of the session record that named its session
+    #: when it was found, ``""`` when no record did, None when not looked up.
+    #: Carried here so that any process can remove it without another full
+    #: pass over the records.
+    owner: str | None = None
+
+
+class NotAnOrphan(Exception):
+    """Raised by ``remove_orphan`` when its re-check finds the storage in use
+    after all (a session record appeared for it, say); nothing was removed."""
+
+
+@runtime_checkable
+class OrphanSweeper(Protocol):
+    """A store that can find and remove storage no session record accounts for.
+
+    ``find_orphans`` returns only orphans whose last change is older than
+    ``now - older_than``: a multipart upload a moment old may belong to a
+    ``create`` that has not written its record yet. It must never return a
+    completed upload's record, an object outside the store's prefix, or
+    anything a live session refers to. ``remove_orphan`` checks again that the
+    orphan is still one (raising ``NotAnOrphan`` if not), removes it and
+    returns the bytes freed (0 when unknown, or when it was already gone).
+    Everything ``remove_orphan`` needs is in the ``Orphan``: it may run in
+    another process than the ``find_orphans`` that found it.
+    """
+
+    async def find_orphans(self, older_than: float, now: float) -> list[Orphan]: ...
+
+    async def remove_orphan(self, orphan: Orphan) -> int: ...
+
+
+class CallObserver(Protocol):
+    """Told about every backend call a store makes (for metrics).
+
+    ``error`` is None for a success, else the backend's error code (S3: the
+    error code or HTTP status) or, when no answer came at all, the transport
+    exception's class name. Called on the event loop: it must not block.
+    """
+
+    def __call__(self, operation: str, seconds: float, error: str | None) -> None: ...
+
+
+@runtime_checkable
+class ReportsCalls(Protocol):
+    """A store that can report its backend calls to a ``CallObserver``.
+    Observing twice with the same observer reports each call once."""
+
+    def observe_calls(self, observer: CallObserver) -> None: ...

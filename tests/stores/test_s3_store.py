@@ -28,10 +28,17 @@ from app.config import Config
 from app.config import replace as config_replace
 from app.core.protocol import MAX_OBJECT_SIZE, MAX_PARTS, MIB
 from app.errors import OffsetMismatch, StorageUnavailable, TooLarge, TotalMismatch
-from app.ops.cleanup import NotAnOrphan, Orphan, OrphanSweeper
-from app.ops.metrics import Metrics, MetricsAware
-from app.stores.base import CallbackOutbox, HealthCheck, UploadInfo
-from app.stores.s3.records import _Record
+from app.ops.metrics import Metrics
+from app.stores.base import (
+    CallbackOutbox,
+    HealthCheck,
+    NotAnOrphan,
+    Orphan,
+    OrphanSweeper,
+    ReportsCalls,
+    UploadInfo,
+)
+from app.stores.s3.records import Record
 from app.stores.s3.store import S3Store
 from tests.stores.fixtures import storage_config
 
@@ -380,21 +387,95 @@ async def test_a_failing_body_keeps_full_parts_and_stages_the_rest(open_s3, s3_c
     assert staged_starts(s3_client, bucket, staged_prefix(info.session_id)) == [P]
 
 
-async def test_a_write_cancelled_anywhere_leaks_nothing(open_s3):
+class Hold:
+    """Holds one S3 request of this store's client (the first ``operation``
+    whose URL contains ``marker``, after letting ``skip`` of them through)
+    until ``release`` is set; ``entered`` tells that it is being held."""
+
+    def __init__(self, store: S3Store, operation: str, marker: str = "", skip: int = 0) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self._marker = marker
+        self._skip = skip
+        self._armed = True
+        store.client.events.register(f"before-send.s3.{operation}", self._hold)
+
+    async def _hold(self, request: Any, **_: Any) -> None:
+        if not self._armed or self._marker not in request.url:
+            return
+        if self._skip:
+            self._skip -= 1
+            return
+        self._armed = False
+        self.entered.set()
+        await self.release.wait()
+
+
+#: Where a write is when it is cancelled: (the request held there as
+#: (operation, URL marker, requests let through first) or None, bytes the body
+#: sends after a 1 MiB staged prefix, whether it then waits for more instead
+#: of ending, the offset the upload must be left at and its staged segments).
+CANCEL_POINTS: dict[str, tuple[tuple[str, str, int] | None, int, bool, int, list[int]]] = {
+    # What arrived is kept: part 1 and a staged tail.
+    "waiting for body bytes": (None, P + 2 * MIB, True, P + 3 * MIB, [P]),
+    # Part 1 held in flight, part 2 full and waiting for the only slot.
+    "waiting for a part slot": (("UploadPart", "", 0), 2 * P - MIB, False, MIB, [0]),
+    # Part 1 landed and was recorded; part 2 held, the body over.
+    "during a part upload": (("UploadPart", "", 1), 2 * P - MIB, False, P, []),
+    # The record update after part 1, held: it was sent, so it lands.
+    "during a part's record write": (("PutObject", "/sessions/", 0), 2 * P - MIB, False, P, []),
+    # The staged tail, held: it lands, but the record never names it.
+    "during staging of the tail": (("PutObject", "/staged/", 0), 2 * MIB, False, MIB, [0]),
+    # The record update naming the new staged tail, held: it lands.
+    "during the final record write":
+        (("PutObject", "/sessions/", 0), 2 * MIB, False, 3 * MIB, [0, MIB]),
+}
+
+
+@pytest.mark.parametrize("point", list(CANCEL_POINTS))
+async def test_a_write_cancelled_anywhere_leaks_nothing(open_s3, s3_client, bucket, point):
+    hold_at, body_length, waits, left_at, staged_at = CANCEL_POINTS[point]
     store = await open_s3(parts_in_flight=1)
-    data = payload(4 * P, seed=4)
+    data = payload(3 * P, seed=4)
     info = await create(store, "cancel.bin", len(data))
-    write = asyncio.create_task(store.write(info, stream(data, chunk=MIB)))
-    await asyncio.sleep(0.15)  # some parts in flight, the loop waiting for a slot
+    info = await store.write(info, stream(data[:MIB]))
+    hold = Hold(store, *hold_at) if hold_at else None
+    last_chunk = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        end = MIB + body_length
+        for start in range(MIB, end, MIB):
+            if start + MIB >= end:
+                last_chunk.set()
+            yield data[start : min(start + MIB, end)]
+        if waits:
+            await asyncio.Event().wait()  # a client that went quiet
+
+    write = asyncio.create_task(store.write(info, body()))
+    await last_chunk.wait()
+    if hold is not None:
+        await hold.entered.wait()
+    if point == "waiting for a part slot":
+        assert store.buffered_bytes == 2 * P  # part 1 in flight, part 2 full
     write.cancel()
+    if hold is not None:
+        hold.release.set()  # a request already sent is awaited to its end
     with pytest.raises(asyncio.CancelledError):
         await write
+
     assert store.buffered_bytes == 0
     info = await store.get("cancel.bin")
-    assert info.offset % P == 0  # only whole, recorded parts count
+    assert info.offset == left_at
     assert info.crc32c == google_crc32c.value(data[: info.offset])
-    info = await store.write(info, stream(data[info.offset :]))
-    await store.finish(info)
+    loaded = await store.records.read("cancel.bin")
+    assert loaded is not None
+    named = sorted(staged_prefix(info.session_id) + s.leaf for s in loaded[0].staged)
+    assert sorted(keys(s3_client, bucket, staged_prefix(info.session_id))) == named
+    assert [s.start for s in loaded[0].staged] == staged_at
+    fresh = await open_s3()  # no cached staged bytes: the bucket must hold them
+    info = await fresh.write(info, stream(data[info.offset :]))
+    await fresh.finish(info)
+    assert read_object(s3_client, bucket, "cancel.bin") == data
 
 
 # -- resources -----------------------------------------------------------------------
@@ -497,10 +578,10 @@ def s3_calls(metrics: Metrics, operation: str) -> float:
 
 async def test_attached_metrics_time_the_stores_s3_calls(open_s3):
     store = await open_s3()
-    assert isinstance(store, MetricsAware)
+    assert isinstance(store, ReportsCalls)
     metrics = Metrics()
-    store.attach_metrics(metrics)
-    store.attach_metrics(metrics)  # a second attach must not count twice
+    store.observe_calls(metrics.s3_calls)
+    store.observe_calls(metrics.s3_calls)  # a second attach must not count twice
     data = payload(P + 1000, seed=7)
     # Total unknown while writing: part 1 is uploaded, the rest staged.
     info = await store.write(await create(store, "metered.bin", None), stream(data))
@@ -696,10 +777,10 @@ async def test_remove_orphan_checks_again_before_removing(
 
     # A create that was slow to write its record does so now...
     now = time.time()
-    late = _Record(name="late.bin", session_id="a" * 32, upload_id=late_id, offset=0,
+    late = Record(name="late.bin", session_id="a" * 32, upload_id=late_id, offset=0,
                    total=None, part_size=P, crc32c=0, content_type="x", metadata={},
                    owner=None, created_at=now, updated_at=now, checksum_algorithm=None)
-    await store._put_record(late, if_match=None)
+    await store.records.put(late, if_match=None)
     # ... and a client starts the dead upload over.
     await create(store, "dead.bin", None)
 
@@ -739,7 +820,7 @@ async def test_find_orphans_pages_through_more_than_1000_uploads(
 ):
     store = await open_s3()
     metrics = Metrics()
-    store.attach_metrics(metrics)
+    store.observe_calls(metrics.s3_calls)
     live = await create(store, "m/live.bin", None)
     names = [f"m/{i:04d}.bin" for i in range(1001)]
     with ThreadPoolExecutor(16) as pool:

@@ -1,0 +1,1 @@
+"""The S3 store (``store.S3Store``); its docstring maps the collaborators."""

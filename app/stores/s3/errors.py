@@ -1,13 +1,22 @@
-"""S3 store errors: which S3 error codes mean what, ``_S3Refusal`` for the
-codes a caller handles itself, and turning failures into ``UploadError``s."""
+"""S3 store errors: which S3 error codes mean what, ``S3Refusal`` for the codes
+a caller handles itself, and turning S3 failures into ``app.errors`` types.
+
+Every S3 call goes through ``s3_errors`` (in ``S3Client.call``), the one
+boundary where botocore and aiohttp exceptions become ``StorageUnavailable``
+or an ``S3Refusal`` the calling collaborator handles; nothing from botocore
+leaves the S3 store.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 
 import aiohttp
 from botocore.exceptions import (
     BotoCoreError,
+    ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
@@ -18,17 +27,17 @@ from app.errors import StorageUnavailable, UploadError, UploadNotFound
 
 log = logging.getLogger("app.stores.s3")
 
-_TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError)
-_CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
-_MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-_NO_UPLOAD_CODES = frozenset({"NoSuchUpload"})
+TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError)
+CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+NO_UPLOAD_CODES = frozenset({"NoSuchUpload"})
 #: Providers without conditional deletes answer DeleteObject + If-Match so.
-_UNSUPPORTED_CODES = frozenset({"NotImplemented", "501"})
+UNSUPPORTED_CODES = frozenset({"NotImplemented", "501"})
 
 
-class _S3Refusal(Exception):
-    """A ClientError whose code the caller asked to handle itself. Private: every
-    call site catches it, so it never leaves this module."""
+class S3Refusal(Exception):
+    """A ClientError whose code the caller asked to handle itself. Every call
+    site that asks for one catches it, so it never leaves the S3 store."""
 
     def __init__(self, operation: str, code: str, message: str) -> None:
         super().__init__(f"{operation}: {code}")
@@ -37,18 +46,20 @@ class _S3Refusal(Exception):
         self.message = message
 
 
-def _translate(exc: BaseException, name: str) -> UploadError:
+def translate(exc: BaseException, name: str) -> UploadError:
+    """The ``UploadError`` a failed write of ``name`` reports for ``exc``."""
     if isinstance(exc, UploadError):
         return exc
-    if isinstance(exc, _S3Refusal) and exc.code in _NO_UPLOAD_CODES:
+    if isinstance(exc, S3Refusal) and exc.code in NO_UPLOAD_CODES:
         return UploadNotFound(f"the multipart upload of {name!r} no longer exists")
-    if isinstance(exc, _S3Refusal):
+    if isinstance(exc, S3Refusal):
         return StorageUnavailable(f"S3 {exc.operation} failed: {exc.code}: {exc.message}")
     log.error("unexpected failure writing %r: %r", name, exc)
     return StorageUnavailable(f"storing {name!r} failed: {type(exc).__name__}")
 
 
-def _transport_reason(exc: BaseException) -> str:
+def transport_reason(exc: BaseException) -> str:
+    """A client-safe reason for a transport failure (no endpoint, no key)."""
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError
                   | aiohttp.ClientConnectorError):
         return "cannot connect to S3"
@@ -58,3 +69,25 @@ def _transport_reason(exc: BaseException) -> str:
                   | aiohttp.ClientPayloadError | ConnectionError):
         return "the connection to S3 was cut"
     return type(exc).__name__
+
+
+@asynccontextmanager
+async def s3_errors(operation: str, handled: Collection[str] = ()) -> AsyncIterator[None]:
+    """Turn botocore/aiohttp failures into ``StorageUnavailable`` (or
+    ``S3Refusal`` for the error codes the caller handles itself)."""
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "")) or "Unknown"
+        message = str(error.get("Message", "")) or "no message"
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in handled or str(status) in handled:
+            raise S3Refusal(operation, code if code in handled else str(status),
+                            message) from None
+        log.warning("S3 %s failed: %s (HTTP %s): %s", operation, code, status, message)
+        raise StorageUnavailable(f"S3 {operation} failed: {code}: {message}") from None
+    except TRANSPORT_ERRORS as exc:
+        log.warning("S3 %s failed: %s: %s", operation, type(exc).__name__, exc)
+        # The text of these errors holds the endpoint URL and key: logs only.
+        raise StorageUnavailable(f"S3 {operation} failed: {transport_reason(exc)}") from None

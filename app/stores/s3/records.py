@@ -1,29 +1,48 @@
-"""S3 store session records: the record model (``_Record``), its staged
-segments (``_Segment``) and the bounded cache of staged bytes (``_StagedCache``)."""
+"""S3 store session records: the record model (``Record``) and its staged
+segments (``Segment``), where everything lives in the bucket (``Layout``), and
+``Records``, the conditional reads and writes of records.
+
+The record's ETag is the ``UploadInfo.version``; every record update is a
+conditional PUT (``IfMatch``/``IfNoneMatch``), so two processes can never both
+advance one upload.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
-from collections import OrderedDict
-from collections.abc import Collection
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
+from app.core.protocol import RESERVED_PREFIX
+from app.errors import OffsetMismatch, StorageUnavailable, UploadNotFound
 from app.stores.base import CompletedObject, UploadInfo
+from app.stores.s3.client import S3Client
+from app.stores.s3.errors import CONFLICT_CODES, MISSING_KEY_CODES, S3Refusal
 
 log = logging.getLogger("app.stores.s3")
 
 _RECORD_FORMAT = 1
+#: S3 requests one listing pass keeps in flight (record reads, ListParts of
+#: orphan candidates): one GET per record is the price of the layout, and done
+#: one at a time it dominates a big listing; more would crowd the pool the
+#: uploads share.
+READ_CONCURRENCY = 16
 #: Object metadata key tying a finished object to the session that wrote it, so a
 #: retried finish can tell "already completed by me" from "gone".
-_SESSION_META = "upload-session"
+SESSION_META = "upload-session"
 
 
 # -- the session record ------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Segment:
+class Segment:
     """One staged object: bytes ``[start, start + length)`` of the upload."""
 
     start: int
@@ -38,7 +57,7 @@ class _Segment:
 
 
 @dataclass(frozen=True)
-class _Record:
+class Record:
     name: str
     session_id: str
     upload_id: str
@@ -55,7 +74,7 @@ class _Record:
     #: record so a config change cannot mix modes within one MPU.
     checksum_algorithm: str | None
     #: Staged segments covering ``[offset // P * P, offset)`` in order.
-    staged: tuple[_Segment, ...] = ()
+    staged: tuple[Segment, ...] = ()
     #: CRC32C of the staged bytes alone: the start of the next part's checksum.
     tail_crc32c: int = 0
     completed: CompletedObject | None = None
@@ -78,7 +97,7 @@ class _Record:
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
     @classmethod
-    def from_json(cls, raw: bytes) -> _Record:
+    def from_json(cls, raw: bytes) -> Record:
         doc = json.loads(raw)
         info = UploadInfo.from_json(doc)
         return cls(
@@ -86,7 +105,7 @@ class _Record:
             upload_id=str(doc["upload_id"]),
             checksum_algorithm=doc.get("checksum_algorithm"),
             staged=tuple(
-                _Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
+                Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
             ),
             tail_crc32c=int(doc.get("tail_crc32c", 0)),
         )
@@ -105,60 +124,160 @@ _SESSION_FIELDS = (
 )
 
 
-# -- the staged-bytes cache --------------------------------------------------
-
-
-class _StagedCache:
-    """Staged segments this process wrote, so filling a part rarely GETs them
-    back. Bounded, least recently used session evicted first; a miss just reads
-    the bucket, which stays the source of truth."""
-
-    def __init__(self, budget: int) -> None:
-        self._budget = budget
-        self._size = 0
-        self._sessions: OrderedDict[str, dict[str, bytes]] = OrderedDict()
-
-    def put(self, session_id: str, leaf: str, data: bytes) -> None:
-        if len(data) > self._budget:
-            return
-        segments = self._sessions.setdefault(session_id, {})
-        old = segments.pop(leaf, None)
-        if old is not None:
-            self._size -= len(old)
-        segments[leaf] = data
-        self._size += len(data)
-        self._sessions.move_to_end(session_id)
-        while self._size > self._budget and self._sessions:
-            _, evicted = self._sessions.popitem(last=False)
-            self._size -= sum(len(d) for d in evicted.values())
-
-    def get(self, session_id: str, leaf: str) -> bytes | None:
-        segments = self._sessions.get(session_id)
-        if segments is None:
-            return None
-        self._sessions.move_to_end(session_id)
-        return segments.get(leaf)
-
-    def drop(self, session_id: str, leaves: Collection[str] | None = None) -> None:
-        segments = self._sessions.get(session_id)
-        if segments is None:
-            return
-        for leaf in list(segments) if leaves is None else leaves:
-            data = segments.pop(leaf, None)
-            if data is not None:
-                self._size -= len(data)
-        if not segments:
-            del self._sessions[session_id]
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-
-def _parse_listed(key: str, raw: bytes) -> _Record | None:
+def parse_listed(key: str, raw: bytes) -> Record | None:
     """A listed session record; None (logged) when it is damaged."""
     try:
-        return _Record.from_json(raw)
+        return Record.from_json(raw)
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("skipping damaged session record %s: %r", key, exc)
         return None
+
+
+# -- where things live ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Keys under the configured ``prefix`` (see ``app.stores.s3``)."""
+
+    prefix: str
+
+    @property
+    def reserved(self) -> str:
+        return f"{self.prefix}{RESERVED_PREFIX}/"
+
+    @property
+    def sessions_root(self) -> str:
+        return f"{self.reserved}sessions/"
+
+    @property
+    def staged_root(self) -> str:
+        return f"{self.reserved}staged/"
+
+    @property
+    def callbacks_root(self) -> str:
+        return f"{self.reserved}callbacks/"
+
+    def object_key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def name_of(self, object_key: str) -> str | None:
+        """The upload name of an object key; None outside the prefix."""
+        return object_key[len(self.prefix):] if object_key.startswith(self.prefix) else None
+
+    def record_key(self, name: str) -> str:
+        # Hashed: names may be 1024 bytes, the whole key may not exceed that.
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.sessions_root}{digest}.json"
+
+    def is_record_key(self, key: str) -> bool:
+        return key.startswith(self.sessions_root) and key.endswith(".json")
+
+    def staged_prefix(self, session_id: str) -> str:
+        return f"{self.staged_root}{session_id}/"
+
+    def staged_key(self, session_id: str, segment: Segment) -> str:
+        return f"{self.staged_prefix(session_id)}{segment.leaf}"
+
+    def split_staged(self, key: str) -> tuple[str, str] | None:
+        """(session id, leaf) of a staged object's key; None if it is not one."""
+        if not key.startswith(self.staged_root):
+            return None
+        session_id, _, leaf = key[len(self.staged_root):].partition("/")
+        return (session_id, leaf) if session_id and leaf else None
+
+    def callback_key(self, callback_id: str) -> str:
+        return f"{self.callbacks_root}{callback_id}"
+
+
+# -- reading and writing records ---------------------------------------------------
+
+
+class Records:
+    """Session records in the bucket, read and written conditionally."""
+
+    def __init__(self, client: S3Client, layout: Layout) -> None:
+        self._client = client
+        self._layout = layout
+
+    async def read(self, name: str) -> tuple[Record, str] | None:
+        """The record of ``name`` and its ETag; None if there is none."""
+        loaded = await self._client.get_bytes(self._layout.record_key(name))
+        if loaded is None:
+            return None
+        raw, etag = loaded
+        try:
+            return Record.from_json(raw), etag
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("session record of %r is damaged: %r", name, exc)
+            raise StorageUnavailable(f"the session record of {name!r} is unreadable") from None
+
+    async def load(self, name: str) -> tuple[Record, str]:
+        """Like ``read``, but ``UploadNotFound`` if there is no record."""
+        loaded = await self.read(name)
+        if loaded is None:
+            raise UploadNotFound(f"no upload in progress for {name!r}")
+        return loaded
+
+    async def put(self, record: Record, *, if_match: str | None) -> str:
+        """Write the record if its current ETag is ``if_match`` (None: if there
+        is none); return its new ETag (the version). ``OffsetMismatch`` when
+        another writer changed it, ``UploadNotFound`` when it is gone."""
+        params: dict[str, Any] = {
+            "Key": self._layout.record_key(record.name),
+            "Body": record.to_json(),
+            "ContentType": "application/json",
+        }
+        if if_match is None:
+            params["IfNoneMatch"] = "*"
+        else:
+            params["IfMatch"] = if_match
+        try:
+            result = await self._client.call(
+                "PutObject", CONFLICT_CODES | MISSING_KEY_CODES, **params
+            )
+        except S3Refusal as exc:
+            if exc.code in MISSING_KEY_CODES:
+                raise UploadNotFound(f"the upload {record.name!r} was cancelled") from None
+            current = await self.read(record.name)
+            if current is None:
+                raise UploadNotFound(f"the upload {record.name!r} was cancelled") from None
+            raise OffsetMismatch(
+                f"another writer changed {record.name!r}; it holds {current[0].offset} bytes",
+                offset=current[0].offset,
+            ) from None
+        return str(result["ETag"])
+
+    async def delete(self, name: str) -> None:
+        await self._client.call("DeleteObject", Key=self._layout.record_key(name))
+
+    async def scan(self) -> AsyncIterator[tuple[str, dict[str, Any], tuple[bytes, str] | None]]:
+        """Every session record's key, listing entry and (body, ETag), None if
+        it was deleted meanwhile; in listing order, ``READ_CONCURRENCY`` GETs in
+        flight, so memory stays at one listing page plus that many records."""
+        window: deque[tuple[dict[str, Any], asyncio.Task[tuple[bytes, str] | None]]] = deque()
+        try:
+            async with aclosing(self._client.list_objects(self._layout.sessions_root)) as items:
+                async for item in items:
+                    read = self._client.get_bytes(str(item["Key"]))
+                    window.append((item, asyncio.create_task(read)))
+                    if len(window) >= READ_CONCURRENCY:
+                        first, task = window.popleft()
+                        yield str(first["Key"]), first, await task
+            while window:
+                first, task = window.popleft()
+                yield str(first["Key"]), first, await task
+        finally:
+            # The consumer stopped early, or a read or the listing failed.
+            for _, task in window:
+                task.cancel()
+            if window:
+                await asyncio.gather(*(task for _, task in window), return_exceptions=True)
+
+    async def parsed(self) -> AsyncIterator[tuple[str, dict[str, Any], Record | None, str]]:
+        """``scan`` with each record parsed (None, logged, when damaged), and
+        its ETag; records deleted meanwhile are left out."""
+        async with aclosing(self.scan()) as records:
+            async for key, item, loaded in records:
+                if loaded is not None:
+                    yield key, item, parse_listed(key, loaded[0]), loaded[1]

@@ -1,44 +1,48 @@
-"""S3 store orphan sweep: ``S3OrphanSweeper``, the ``OrphanSweeper`` half of
-``S3Store`` (a mixin it inherits), finding and removing what crashed uploads
-left in the bucket, and what a sweep lists."""
+"""The S3 store's ``OrphanSweeper``: finding and removing what crashed uploads
+left in the bucket (a multipart upload whose ``create`` died before its record
+was written, a record whose multipart upload was aborted by a ``cancel`` that
+died half-way, staged objects of a losing or crashed write).
+
+Everything ``remove_orphan`` re-checks comes from the bucket or from the
+``Orphan`` itself, so one process may find orphans and another remove them. It
+assumes no other store, or anything else, keeps multipart uploads under this
+store's prefix.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from app.errors import StorageUnavailable
-from app.ops.cleanup import NotAnOrphan, Orphan
+from app.stores.base import NotAnOrphan, Orphan
+from app.stores.s3.client import S3Client
 from app.stores.s3.errors import (
-    _CONFLICT_CODES,
-    _MISSING_KEY_CODES,
-    _NO_UPLOAD_CODES,
-    _UNSUPPORTED_CODES,
-    _S3Refusal,
+    CONFLICT_CODES,
+    MISSING_KEY_CODES,
+    NO_UPLOAD_CODES,
+    UNSUPPORTED_CODES,
+    S3Refusal,
 )
-from app.stores.s3.records import _SESSION_META, _parse_listed, _Record
-
-if TYPE_CHECKING:
-    from app.stores.s3.records import _Segment, _StagedCache
+from app.stores.s3.records import (
+    READ_CONCURRENCY,
+    SESSION_META,
+    Layout,
+    Record,
+    Records,
+    parse_listed,
+)
+from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
 
-#: S3 requests one listing pass keeps in flight (record reads, ListParts of
-#: orphan candidates): one GET per record is the price of the layout, and done
-#: one at a time it dominates a big listing; more would crowd the pool the
-#: uploads share.
-_READ_CONCURRENCY = 16
-
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-
-# -- what an orphan sweep lists ------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -64,47 +68,18 @@ class _SessionIndex:
     unreadable: set[str] = field(default_factory=set)
     #: Unfinished records old enough whose multipart upload was not listed:
     #: (record, its key, bytes it holds, its last change).
-    without_upload: list[tuple[_Record, str, int, float]] = field(default_factory=list)
+    without_upload: list[tuple[Record, str, int, float]] = field(default_factory=list)
 
 
 class S3OrphanSweeper:
-    """The ``OrphanSweeper`` of ``S3Store``, which inherits it: the store's
-    keys, listings and S3 calls are what it works with (declared below)."""
+    """``OrphanSweeper`` over one S3 store's prefix."""
 
-    if TYPE_CHECKING:
-        _bucket: str
-        _prefix: str
-        _reserved: str
-        _cache: _StagedCache
-        _staged_owners: dict[str, str | None]
-
-        async def _call(
-            self, operation: str, handled: Collection[str] = (), /, **params: Any
-        ) -> dict[str, Any]: ...
-
-        async def _get_bytes(self, key: str) -> tuple[bytes, str] | None: ...
-
-        async def _read_record(self, name: str) -> tuple[_Record, str] | None: ...
-
-        async def _delete_keys(self, keys: list[str], *, quiet: bool) -> None: ...
-
-        async def _parts(self, key: str, upload_id: str) -> dict[int, dict[str, Any]]: ...
-
-        def _list_objects(self, prefix: str) -> AsyncIterator[dict[str, Any]]: ...
-
-        def _scan_records(
-            self,
-        ) -> AsyncIterator[tuple[dict[str, Any], tuple[bytes, str] | None]]: ...
-
-        def _object_key(self, name: str) -> str: ...
-
-        def _record_key(self, name: str) -> str: ...
-
-        def _staged_root(self) -> str: ...
-
-        def _staged_key(self, session_id: str, segment: _Segment) -> str: ...
-
-    # -- OrphanSweeper -------------------------------------------------------
+    def __init__(self, client: S3Client, layout: Layout, records: Records,
+                 staged: StagedData) -> None:
+        self._client = client
+        self._layout = layout
+        self._records = records
+        self._staged = staged
 
     async def find_orphans(self, older_than: float, now: float) -> list[Orphan]:
         cutoff = now - older_than
@@ -130,16 +105,17 @@ class S3OrphanSweeper:
             return await self._remove_record(orphan)
         raise NotAnOrphan(f"the S3 store has no orphans of kind {orphan.kind!r}")
 
+    # -- finding ------------------------------------------------------------------
+
     async def _index_sessions(self, listed_ids: set[str], cutoff: float) -> _SessionIndex:
         """One pass over the records: what they refer to, and the unfinished
         ones whose multipart upload was not in ``listed_ids``."""
         index = _SessionIndex()
-        async with aclosing(self._scan_records()) as records:
-            async for item, loaded in records:
-                key = str(item["Key"])
+        async with aclosing(self._records.scan()) as records:
+            async for key, item, loaded in records:
                 if loaded is None:
                     continue  # deleted since it was listed: it refers to nothing now
-                record = _parse_listed(key, loaded[0])
+                record = parse_listed(key, loaded[0])
                 if record is None:
                     index.unreadable.add(key)
                     continue
@@ -165,10 +141,13 @@ class S3OrphanSweeper:
             upload for upload in uploads
             if upload.initiated <= cutoff
             and upload.upload_id not in index.upload_ids
-            and self._record_key(upload.key[len(self._prefix):]) not in index.unreadable
+            and self._layout.record_key(upload.key[len(self._layout.prefix):])
+            not in index.unreadable
         ]
         # Sized now so that a dry run can tell what a sweep would free.
-        sizes = await _bounded_map(lambda u: self._upload_size(u.key, u.upload_id), candidates)
+        sizes = await _bounded_map(
+            lambda u: self._client.upload_size(u.key, u.upload_id), candidates
+        )
         return [
             Orphan("multipart_upload", upload.key, upload_id=upload.upload_id, size=size,
                    last_modified=upload.initiated)
@@ -186,56 +165,53 @@ class S3OrphanSweeper:
         ]
 
     async def _orphan_staged(self, index: _SessionIndex, cutoff: float) -> list[Orphan]:
-        root = self._staged_root()
-        self._staged_owners = {}
         orphans: list[Orphan] = []
-        async with aclosing(self._list_objects(root)) as items:
+        async with aclosing(self._client.list_objects(self._layout.staged_root)) as items:
             async for item in items:
                 key = str(item["Key"])
-                session_id, _, leaf = key[len(root):].partition("/")
+                parts = self._layout.split_staged(key)
                 changed = _timestamp(item.get("LastModified"))
-                if not session_id or not leaf or changed > cutoff:
+                if parts is None or changed > cutoff:
                     continue
+                session_id, leaf = parts
                 owner = index.sessions.get(session_id)
                 if owner is not None and leaf in owner[1]:
                     continue
                 if owner is None and index.unreadable:
                     continue  # the session may be one of the unreadable records
                 orphans.append(Orphan("staged_data", key, size=int(item.get("Size", 0)),
-                                      last_modified=changed))
-                self._staged_owners[key] = None if owner is None else owner[0]
+                                      last_modified=changed,
+                                      owner="" if owner is None else owner[0]))
         return orphans
+
+    # -- removing -------------------------------------------------------------------
 
     async def _remove_upload(self, orphan: Orphan) -> int:
         upload_id = orphan.upload_id
-        if upload_id is None or not orphan.key.startswith(self._prefix):
+        name = self._layout.name_of(orphan.key)
+        if upload_id is None or name is None:
             raise NotAnOrphan("not a multipart upload of this store")
-        size = await self._upload_size(orphan.key, upload_id)
+        size = await self._client.upload_size(orphan.key, upload_id)
         if size is None:
             return 0  # aborted by someone else meanwhile
         # Checked last, right before the abort: a create that was slow to
         # write its record may have done so since the sweep listed it.
-        name = orphan.key[len(self._prefix):]
-        current = await self._read_record(name)
+        current = await self._records.read(name)
         if current is not None and current[0].upload_id == upload_id \
                 and current[0].completed is None:
             raise NotAnOrphan(f"the session record of {name!r} refers to it")
-        try:
-            await self._call("AbortMultipartUpload", _NO_UPLOAD_CODES, Bucket=self._bucket,
-                             Key=orphan.key, UploadId=upload_id)
-        except _S3Refusal:
+        if not await self._client.abort_upload(orphan.key, upload_id):
             return 0
         return size
 
     async def _remove_record(self, orphan: Orphan) -> int:
-        if not (orphan.key.startswith(f"{self._reserved}sessions/")
-                and orphan.key.endswith(".json")):
+        if not self._layout.is_record_key(orphan.key):
             raise NotAnOrphan("not a session record of this store")
-        loaded = await self._get_bytes(orphan.key)
+        loaded = await self._client.get_bytes(orphan.key)
         if loaded is None:
             return 0
         raw, etag = loaded
-        record = _parse_listed(orphan.key, raw)
+        record = parse_listed(orphan.key, raw)
         # Every record write moves updated_at: a later one means the upload
         # was replaced, resumed or finished since the sweep looked at it.
         if record is None or record.completed is not None \
@@ -247,57 +223,55 @@ class S3OrphanSweeper:
         if not await self._delete_if_match(orphan.key, etag):
             return 0
         # With the record gone nothing can read its staged data any more.
-        await self._delete_keys(
-            [self._staged_key(record.session_id, segment) for segment in record.staged],
-            quiet=True,
-        )
-        self._cache.drop(record.session_id)
+        await self._staged.delete(record.session_id, record.staged)
+        self._staged.forget(record.session_id)
         return len(raw) + sum(segment.length for segment in record.staged)
 
     async def _remove_staged(self, orphan: Orphan) -> int:
-        root = self._staged_root()
-        session_id, _, leaf = orphan.key[len(root):].partition("/")
-        if not orphan.key.startswith(root) or not session_id or not leaf:
+        parts = self._layout.split_staged(orphan.key)
+        if parts is None:
             raise NotAnOrphan("not staged data of this store")
-        head = await self._head(orphan.key)
+        session_id, leaf = parts
+        head = await self._client.head(orphan.key)
         if head is None:
             return 0
         # HEAD dates have whole seconds, listings may have milliseconds.
         if _timestamp(head.get("LastModified")) > orphan.last_modified + 1:
             raise NotAnOrphan("it was rewritten since it was found")
-        if orphan.key in self._staged_owners:
-            owner = self._staged_owners[orphan.key]
-        else:
-            owner = await self._session_record_key(session_id)
+        owner = orphan.owner
+        if owner is None:
+            owner = await self._session_record_key(session_id) or ""
         # A session that had no record cannot get one back (ids are never
         # reused), so only a record that existed needs reading again.
-        if owner is not None:
-            loaded = await self._get_bytes(owner)
-            record = None if loaded is None else _parse_listed(owner, loaded[0])
-            if loaded is not None and record is None:
-                raise NotAnOrphan("its session record is unreadable")
-            if record is not None and record.session_id == session_id \
-                    and record.completed is None \
-                    and any(segment.leaf == leaf for segment in record.staged):
-                raise NotAnOrphan("its upload refers to it")
+        if owner:
+            await self._check_unreferenced(owner, session_id, leaf)
         if not await self._delete_if_match(orphan.key, str(head["ETag"])):
             return 0
-        self._staged_owners.pop(orphan.key, None)
-        self._cache.drop(session_id, [leaf])
+        self._staged.forget(session_id, [leaf])
         return int(head.get("ContentLength", 0))
 
-    async def _why_alive(self, record: _Record) -> str | None:
+    async def _check_unreferenced(self, record_key: str, session_id: str, leaf: str) -> None:
+        """``NotAnOrphan`` if the record at ``record_key`` names the staged leaf."""
+        loaded = await self._client.get_bytes(record_key)
+        record = None if loaded is None else parse_listed(record_key, loaded[0])
+        if loaded is not None and record is None:
+            raise NotAnOrphan("its session record is unreadable")
+        if record is not None and record.session_id == session_id \
+                and record.completed is None \
+                and any(segment.leaf == leaf for segment in record.staged):
+            raise NotAnOrphan("its upload refers to it")
+
+    async def _why_alive(self, record: Record) -> str | None:
         """Why an unfinished record is still in use; None if it is not."""
+        key = self._layout.object_key(record.object_name)
         try:
-            await self._call(
-                "ListParts", _NO_UPLOAD_CODES, Bucket=self._bucket,
-                Key=self._object_key(record.object_name), UploadId=record.upload_id, MaxParts=1,
-            )
+            await self._client.call("ListParts", NO_UPLOAD_CODES, Key=key,
+                                    UploadId=record.upload_id, MaxParts=1)
             return "its multipart upload exists"
-        except _S3Refusal:
+        except S3Refusal:
             pass
-        head = await self._head(self._object_key(record.object_name))
-        if head is not None and head.get("Metadata", {}).get(_SESSION_META) == record.session_id:
+        head = await self._client.head(key)
+        if head is not None and head.get("Metadata", {}).get(SESSION_META) == record.session_id:
             # A finish completed the object but died before updating the
             # record; a retried finish still needs the record to answer.
             return "its upload was finished"
@@ -305,60 +279,43 @@ class S3OrphanSweeper:
 
     async def _session_record_key(self, session_id: str) -> str | None:
         """The key of the unfinished record of ``session_id``, by a full pass
-        (for an orphan that ``find_orphans`` of this instance did not return)."""
-        async with aclosing(self._scan_records()) as records:
-            async for item, loaded in records:
-                if loaded is None:
-                    continue
-                record = _parse_listed(str(item["Key"]), loaded[0])
+        (for an orphan that does not say which record owned it)."""
+        async with aclosing(self._records.parsed()) as records:
+            async for key, _, record, _ in records:
                 if record is None:
                     raise NotAnOrphan("some session records are unreadable")
                 if record.session_id == session_id and record.completed is None:
-                    return str(item["Key"])
+                    return key
         return None
 
     async def _delete_if_match(self, key: str, etag: str) -> bool:
         """Delete ``key`` if it is still the version with ``etag``; False if it
         is gone already, ``NotAnOrphan`` if it changed."""
         try:
-            await self._call(
-                "DeleteObject", _CONFLICT_CODES | _MISSING_KEY_CODES | _UNSUPPORTED_CODES,
-                Bucket=self._bucket, Key=key, IfMatch=etag,
+            await self._client.call(
+                "DeleteObject", CONFLICT_CODES | MISSING_KEY_CODES | UNSUPPORTED_CODES,
+                Key=key, IfMatch=etag,
             )
-        except _S3Refusal as exc:
-            if exc.code in _MISSING_KEY_CODES:
+        except S3Refusal as exc:
+            if exc.code in MISSING_KEY_CODES:
                 return False
-            if exc.code in _CONFLICT_CODES:
+            if exc.code in CONFLICT_CODES:
                 raise NotAnOrphan("it changed while it was checked") from None
             # No conditional deletes on this provider: the checks just made
             # are all the guard there is.
-            await self._call("DeleteObject", Bucket=self._bucket, Key=key)
+            await self._client.call("DeleteObject", Key=key)
         return True
-
-    async def _upload_size(self, key: str, upload_id: str) -> int | None:
-        """Bytes in a multipart upload's parts; None if it no longer exists."""
-        try:
-            parts = await self._parts(key, upload_id)
-        except _S3Refusal:
-            return None
-        return sum(int(part.get("Size", 0)) for part in parts.values())
-
-    async def _head(self, key: str) -> dict[str, Any] | None:
-        try:
-            return await self._call("HeadObject", _MISSING_KEY_CODES, Bucket=self._bucket,
-                                    Key=key)
-        except _S3Refusal:
-            return None
 
     async def _list_uploads(self) -> AsyncIterator[_ListedUpload]:
         """Every multipart upload under the prefix (ListMultipartUploads pages at 1,000)."""
-        params: dict[str, Any] = {"Bucket": self._bucket, "Prefix": self._prefix}
+        prefix = self._layout.prefix
+        params: dict[str, Any] = {"Prefix": prefix}
         while True:
-            page = await self._call("ListMultipartUploads", **params)
+            page = await self._client.call("ListMultipartUploads", **params)
             for upload in page.get("Uploads", []):
                 key = str(upload["Key"])
                 # Even a backend that ignores Prefix must not widen a sweep.
-                if key.startswith(self._prefix):
+                if key.startswith(prefix):
                     yield _ListedUpload(key, str(upload["UploadId"]),
                                         _timestamp(upload.get("Initiated")))
             if not page.get("IsTruncated"):
@@ -376,9 +333,8 @@ class S3OrphanSweeper:
                 params.pop("UploadIdMarker", None)
 
 
-
 async def _bounded_map(
-    fn: Callable[[_T], Awaitable[_R]], items: Iterable[_T], limit: int = _READ_CONCURRENCY
+    fn: Callable[[_T], Awaitable[_R]], items: Iterable[_T], limit: int = READ_CONCURRENCY
 ) -> list[_R]:
     """``[await fn(item) for item in items]`` with ``limit`` calls at a time."""
     semaphore = asyncio.Semaphore(limit)
@@ -394,6 +350,7 @@ async def _bounded_map(
         # Callers handle the store's own errors, not groups of them.
         raise failed.exceptions[0] from None
     return [task.result() for task in tasks]
+
 
 def _timestamp(value: object) -> float:
     """Unix time of an S3 date; infinity (never old) when there is none."""

@@ -1,0 +1,116 @@
+"""Part bookkeeping shared by the write path and completion: what one write
+in progress holds (``WriteState``, ``Fill``), the count of part buffers held
+(``BufferGauge``) and the UploadPart call itself."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.digests import crc32c_b64
+from app.stores.s3.client import S3Client
+from app.stores.s3.errors import NO_UPLOAD_CODES
+from app.stores.s3.records import Layout, Record, Segment
+
+
+class BufferGauge:
+    """Bytes of part buffers the store holds right now, and the peak."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.peak = 0
+
+    def hold(self, size: int) -> None:
+        self.held += size
+        self.peak = max(self.peak, self.held)
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+    def reset_peak(self) -> None:
+        self.peak = self.held
+
+
+async def upload_part(
+    client: S3Client, layout: Layout, record: Record, number: int, body: bytes | bytearray,
+    part_crc: int,
+) -> dict[str, Any]:
+    """UploadPart ``number`` of the record's multipart upload."""
+    params: dict[str, Any] = {
+        "Key": layout.object_key(record.object_name),
+        "UploadId": record.upload_id,
+        "PartNumber": number,
+        "Body": body,
+    }
+    if record.checksum_algorithm:
+        # S3 rejects the part if the bytes it got do not match this CRC.
+        params["ChecksumCRC32C"] = crc32c_b64(part_crc)
+    return await client.call("UploadPart", NO_UPLOAD_CODES, **params)
+
+
+@dataclass
+class WriteState:
+    """Bookkeeping shared by a write's main loop and its part-upload tasks."""
+
+    record: Record
+    etag: str
+    #: Settled total for this write (the record's or the one ``write`` got).
+    total: int | None
+    #: Staged segments at the start of the write: the prefix of its first part.
+    prefix: tuple[Segment, ...]
+    first_part: int
+    #: Highest part number the record covers; parts above it are not durable yet.
+    committed_part: int
+    semaphore: asyncio.Semaphore
+    gauge: BufferGauge
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)
+    #: Part number -> (offset at its end, CRC32C of [0, that offset)).
+    boundaries: dict[int, tuple[int, int]] = field(default_factory=dict)
+    failure: BaseException | None = None
+    buffered: int = 0
+    #: Segments this write began to stage: a cancellation deletes those the
+    #: record does not name.
+    staging: list[Segment] = field(default_factory=list)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+
+    def hold(self, size: int) -> None:
+        self.gauge.hold(size)
+        self.buffered += size
+
+    def release(self, size: int) -> None:
+        self.gauge.release(size)
+        self.buffered -= size
+
+
+@dataclass
+class Fill:
+    """The part being filled, and where the write has got to."""
+
+    size: int
+    limit: int
+    number: int
+    start: int
+    length: int
+    #: Bytes of the part present (staged ones included), and where this write's start.
+    pos: int
+    new_from: int
+    prefix_len: int
+    part_crc: int
+    #: Upload offset reached and the CRC32C of [0, offset).
+    offset: int
+    crc: int
+    buf: bytearray | None = None
+
+    def next_part(self) -> None:
+        self.number += 1
+        self.start += self.length
+        self.length = min(self.size, self.limit - self.start)
+        self.pos = self.new_from = self.prefix_len = 0
+        self.part_crc = 0
+        self.buf = None

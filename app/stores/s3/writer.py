@@ -1,0 +1,348 @@
+"""The S3 write path: one ``write`` streams chunks into full parts (uploaded
+``parts_in_flight`` at a time while the next one fills), records every
+contiguous run of landed parts, and stages what is left short of a part.
+
+Cancellation is honest: ``Writer.write`` re-raises ``CancelledError`` once the
+upload is consistent again. Record and staged writes already sent are awaited
+to their end (``settled``), part uploads in flight are stopped, staged objects
+the record no longer names are deleted, and no part buffer stays held. What the
+record says then counts; nothing else does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from dataclasses import replace
+from typing import TypeVar
+
+from app.core.digests import crc32c_extend
+from app.core.protocol import MAX_PARTS
+from app.errors import TooLarge, TotalMismatch, UploadError
+from app.stores.base import UploadInfo
+from app.stores.s3.client import S3Client
+from app.stores.s3.errors import S3Refusal, translate
+from app.stores.s3.parts import BufferGauge, Fill, WriteState, upload_part
+from app.stores.s3.records import Layout, Record, Records
+from app.stores.s3.staged import StagedData
+
+log = logging.getLogger("app.stores.s3")
+
+#: Past this many staged segments in one part, a write folds them into one
+#: object, so a client sending tiny chunks cannot grow the record without bound.
+MAX_STAGED_SEGMENTS = 32
+#: Bound on the clean-up after a cancellation: a cancelled (often timed-out)
+#: write must not linger; what it leaves is garbage the orphan sweep finds.
+_CANCEL_CLEANUP_SECONDS = 10.0
+
+_T = TypeVar("_T")
+
+
+async def settled(step: Awaitable[_T]) -> _T:
+    """Await ``step`` to its end even if cancelled meanwhile, then re-raise the
+    cancellation: a record or staged PUT already sent may land whether or not
+    its answer is awaited, and the clean-up after a cancellation must know."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        except BaseException:
+            if cancelled:
+                raise asyncio.CancelledError from None
+            raise
+        break
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> None:
+    """Close a chunk stream the write stops reading early (if it can be closed)."""
+    closer = getattr(chunks, "aclose", None)
+    if closer is None:
+        return
+    try:
+        await closer()
+    except Exception:
+        log.debug("closing the chunk stream failed", exc_info=True)
+
+
+class Writer:
+    """Appends a stream of bytes to an upload (``Store.write`` minus its checks)."""
+
+    def __init__(self, client: S3Client, layout: Layout, records: Records, staged: StagedData,
+                 gauge: BufferGauge, *, parts_in_flight: int) -> None:
+        self._client = client
+        self._layout = layout
+        self._records = records
+        self._staged = staged
+        self._gauge = gauge
+        self._parts_in_flight = parts_in_flight
+
+    async def write(self, record: Record, etag: str, total: int | None,
+                    chunks: AsyncIterable[bytes]) -> UploadInfo:
+        """Append ``chunks`` to the upload ``record`` (at ``etag``) describes."""
+        first_part = record.offset // record.part_size + 1
+        state = WriteState(
+            record=record, etag=etag, total=total, prefix=record.staged,
+            first_part=first_part, committed_part=first_part - 1,
+            semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
+        )
+        try:
+            return await self._write(state, chunks)
+        except asyncio.CancelledError:
+            await self._stop_parts(state)
+            await self._clean_after_cancel(state)
+            raise
+        finally:
+            await self._stop_parts(state)
+            if state.buffered:
+                state.release(state.buffered)
+
+    async def _write(self, state: WriteState, chunks: AsyncIterable[bytes]) -> UploadInfo:
+        fill = self._start_fill(state)
+        stream = aiter(chunks)
+        overflow, stream_error = await self._read_body(state, fill, stream)
+        if stream_error is None and (overflow is not None or state.failure is not None):
+            await close_quietly(stream)
+        # A cancellation that arrived while waiting for the body is raised
+        # after what arrived is kept, whatever else went wrong.
+        cancelled = stream_error if isinstance(stream_error, asyncio.CancelledError) else None
+        if state.tasks:
+            await asyncio.gather(*state.tasks, return_exceptions=True)
+        if state.failure is not None:
+            await self._end_failed_write(state)
+            if cancelled is not None:
+                raise cancelled
+            raise translate(state.failure, state.record.name) from None
+        try:
+            await self._persist_tail(state, fill)
+        except UploadError:
+            await self._drop_consumed(state)
+            if cancelled is not None:
+                raise cancelled from None
+            raise
+        await self._drop_consumed(state)
+        if stream_error is not None:
+            raise stream_error
+        if overflow is not None:
+            raise overflow
+        return state.record.to_info(state.etag)
+
+    @staticmethod
+    def _start_fill(state: WriteState) -> Fill:
+        record = state.record
+        size = record.part_size
+        limit = state.total if state.total is not None else size * MAX_PARTS
+        start = (state.first_part - 1) * size
+        prefix_len = record.offset - start
+        return Fill(
+            size=size, limit=limit, number=state.first_part, start=start,
+            length=min(size, limit - start), pos=prefix_len, new_from=prefix_len,
+            prefix_len=prefix_len, part_crc=record.tail_crc32c if prefix_len else 0,
+            offset=record.offset, crc=record.crc32c,
+        )
+
+    async def _read_body(
+        self, state: WriteState, fill: Fill, stream: AsyncIterator[bytes]
+    ) -> tuple[UploadError | None, BaseException | None]:
+        """Read chunks into parts until the stream ends, overflows or a part
+        fails; (overflow, stream error) tell why it stopped."""
+        while state.failure is None:
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                break
+            except BaseException as exc:
+                # The client went away mid-body, or the caller was cancelled while
+                # waiting for it: keep what arrived, then re-raise. (A cancellation
+                # that lands in one of our own awaits stops the write instead.)
+                return None, exc
+            if not chunk:
+                continue
+            data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            overflow = None
+            if len(data) > fill.limit - fill.offset:
+                data = data[: fill.limit - fill.offset]
+                overflow = self._overflow(state, fill)
+            if not await self._take(state, fill, data) or overflow is not None:
+                return overflow, None
+        return None, None
+
+    @staticmethod
+    def _overflow(state: WriteState, fill: Fill) -> UploadError:
+        if state.total is not None:
+            return TotalMismatch(
+                f"more bytes than the declared total of {fill.limit} for {state.record.name!r}"
+            )
+        return TooLarge(
+            f"an upload of unknown size can hold at most {MAX_PARTS} parts "
+            f"of {fill.size} bytes ({fill.limit} bytes)"
+        )
+
+    async def _take(self, state: WriteState, fill: Fill, data: bytes) -> bool:
+        """Copy ``data`` into parts, launching each one that fills; False when
+        a part failed and the rest can never become durable."""
+        with_part_crc = bool(state.record.checksum_algorithm)
+        i = 0
+        while i < len(data):
+            if fill.buf is None:
+                fill.buf = bytearray(fill.length)
+                state.hold(fill.length)
+            n = min(len(data) - i, fill.length - fill.pos)
+            # Only a chunk that straddles a part boundary is sliced (copied).
+            piece = data if n == len(data) else data[i : i + n]
+            fill.crc = crc32c_extend(fill.crc, piece)
+            if with_part_crc:
+                fill.part_crc = crc32c_extend(fill.part_crc, piece)
+            fill.buf[fill.pos : fill.pos + n] = piece
+            fill.pos += n
+            fill.offset += n
+            i += n
+            if fill.pos == fill.length:
+                if not await self._launch_part(state, fill):
+                    return False
+                fill.next_part()
+        return True
+
+    async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
+        """Start uploading the full part; False (nothing started) after a failure."""
+        assert fill.buf is not None
+        # Waiting here while holding the full buffer is what bounds memory to
+        # (parts_in_flight + 1) parts per write.
+        await state.semaphore.acquire()
+        if state.failure is not None:
+            # Bytes past a failed part can never become durable in this write.
+            state.semaphore.release()
+            return False
+        state.boundaries[fill.number] = (fill.offset, fill.crc)
+        task = asyncio.create_task(
+            self._part_task(state, fill.number, fill.buf, fill.prefix_len, fill.part_crc)
+        )
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+        return True
+
+    async def _part_task(
+        self, state: WriteState, number: int, buf: bytearray, prefix_len: int, part_crc: int
+    ) -> None:
+        size = len(buf)
+        try:
+            if prefix_len:
+                await self._staged.fill(state.record, state.prefix, buf)
+            await upload_part(self._client, self._layout, state.record, number, buf, part_crc)
+            state.done.add(number)
+        except Exception as exc:
+            state.fail(exc)
+        finally:
+            del buf
+            state.release(size)
+            state.semaphore.release()
+        if number in state.done:
+            try:
+                await self._commit_parts(state)
+            except Exception as exc:
+                state.fail(exc)
+
+    async def _commit_parts(self, state: WriteState) -> None:
+        """Advance the record over the contiguous run of finished parts, so a
+        crash mid-stream keeps everything up to the last such part."""
+        async with state.lock:
+            last = state.committed_part
+            while last + 1 in state.done:
+                last += 1
+            if last == state.committed_part:
+                return
+            end, end_crc = state.boundaries[last]
+            record = replace(state.record, offset=end, crc32c=end_crc, total=state.total,
+                             staged=(), tail_crc32c=0, updated_at=time.time())
+            state.etag = await settled(self._records.put(record, if_match=state.etag))
+            state.record = record
+            state.committed_part = last
+
+    async def _persist_tail(self, state: WriteState, fill: Fill) -> None:
+        """Stage the bytes past the last full part and record the new state."""
+        staged, tail_crc = state.record.staged, state.record.tail_crc32c
+        # A staged tail is always shorter than a part: the loop uploads every
+        # part it fills, so a full buffer never reaches this point.
+        assert fill.buf is None or fill.pos < fill.length
+        if fill.buf is not None and fill.pos > fill.new_from:
+            data, start = await self._remainder(state, fill)
+            state.release(len(fill.buf))
+            fill.buf = None
+            segment = self._staged.new_segment(data, start)
+            state.staging.append(segment)
+            await settled(self._staged.put(state.record.session_id, segment, data))
+            # A folded segment starts where the earlier ones did and replaces them.
+            staged = (*(s for s in staged if s.start < start), segment)
+            tail_crc = fill.part_crc if state.record.checksum_algorithm else 0
+        if (staged, fill.offset, state.total) != (state.record.staged, state.record.offset,
+                                                  state.record.total):
+            updated = replace(state.record, offset=fill.offset, crc32c=fill.crc,
+                              total=state.total, staged=staged, tail_crc32c=tail_crc,
+                              updated_at=time.time())
+            state.etag = await settled(self._records.put(updated, if_match=state.etag))
+            state.record = updated
+
+    async def _remainder(self, state: WriteState, fill: Fill) -> tuple[bytes, int]:
+        """The bytes to stage after the last full part, and their start offset."""
+        assert fill.buf is not None
+        record = state.record
+        new_from = fill.new_from
+        # record.staged is this part's earlier segments when no part was
+        # uploaded in this write, and empty once one was.
+        if record.staged and len(record.staged) + 1 > MAX_STAGED_SEGMENTS:
+            await self._staged.fill(record, record.staged, fill.buf)
+            new_from = 0
+        return bytes(memoryview(fill.buf)[new_from : fill.pos]), fill.start + new_from
+
+    async def _end_failed_write(self, state: WriteState) -> None:
+        """After a failed part: record whatever contiguous prefix did land."""
+        try:
+            await self._commit_parts(state)
+        except (UploadError, S3Refusal) as exc:
+            log.warning("could not record the durable parts of %r: %s", state.record.name, exc)
+        await self._drop_consumed(state)
+
+    async def _drop_consumed(self, state: WriteState) -> None:
+        """Delete staged segments that the record no longer names (they went
+        into a part, or were folded into one segment)."""
+        live = set(state.record.staged)
+        gone = [s for s in state.prefix if s not in live]
+        if not gone:
+            return
+        state.prefix = tuple(s for s in state.prefix if s in live)
+        await self._staged.delete(state.record.session_id, gone)
+
+    @staticmethod
+    async def _stop_parts(state: WriteState) -> None:
+        for task in state.tasks:
+            task.cancel()
+        if state.tasks:
+            await asyncio.gather(*state.tasks, return_exceptions=True)
+
+    async def _clean_after_cancel(self, state: WriteState) -> None:
+        """Delete the staged objects of this write that the record does not
+        name. The record is read again: a commit may have landed after
+        ``state`` last saw it."""
+        candidates = [*state.prefix, *state.staging]
+        if not candidates:
+            return
+        session = state.record.session_id
+        try:
+            async with asyncio.timeout(_CANCEL_CLEANUP_SECONDS):
+                current = await self._records.read(state.record.name)
+                named = set(current[0].staged) \
+                    if current is not None and current[0].session_id == session else set()
+                await self._staged.delete(session, [s for s in candidates if s not in named])
+        except (UploadError, TimeoutError) as exc:
+            log.warning("cancelled write of %r left staged data to sweep: %r",
+                        state.record.name, exc)

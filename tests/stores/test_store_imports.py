@@ -1,0 +1,42 @@
+"""Stores sit below the engine: they import neither the HTTP layer, auth,
+callbacks nor ops, and the S3 store's modules share only public names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+STORES = Path(__file__).resolve().parents[2] / "app" / "stores"
+FORBIDDEN = ("app.http", "app.auth", "app.callbacks", "app.ops", "app.engine")
+
+
+def imports(path: Path) -> list[tuple[str, list[str]]]:
+    found: list[tuple[str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_stores_import_nothing_above_them() -> None:
+    bad = [
+        f"{path.relative_to(STORES)}: {module}"
+        for path in STORES.rglob("*.py")
+        for module, _ in imports(path)
+        if module.startswith(FORBIDDEN)
+    ]
+    assert bad == []
+
+
+def test_s3_modules_share_no_private_names() -> None:
+    bad = [
+        f"{path.name}: {module}.{name}"
+        for path in (STORES / "s3").glob("*.py")
+        for module, names in imports(path)
+        if module.startswith("app.")
+        for name in names
+        if name.startswith("_")
+    ]
+    assert bad == []
