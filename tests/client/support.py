@@ -42,3 +42,25 @@ async def stored(harness: StoreHarness, name: str) -> bytes:
 
     client = boto3.client("s3", endpoint_url=storage.s3.endpoint_url, region_name="us-east-1")
     return client.get_object(Bucket=storage.s3.bucket, Key=storage.s3.prefix + name)["Body"].read()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APP__")}
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+async def run_python(code: str, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """A real second process (the event loop keeps serving while it runs)."""
+    import asyncio
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, *args, cwd=ROOT, env=child_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
