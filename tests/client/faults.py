@@ -79,13 +79,11 @@ class FaultRelay:
         self._conns = 0
         self._stop = asyncio.Event()
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self.url = ""
 
     async def __aenter__(self) -> FaultRelay:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
