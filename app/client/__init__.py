@@ -12,6 +12,7 @@ from app.client.api import (
     resume,
     resume_sync,
     upload,
+    upload_events,
     upload_sync,
     writer,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "resume",
     "resume_sync",
     "upload",
+    "upload_events",
     "upload_sync",
     "writer",
 ]

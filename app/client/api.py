@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -22,7 +22,7 @@ from app.client.core import (
     validate_chunk_size,
 )
 from app.client.errors import UploadClientError
-from app.client.progress import ProgressCallback
+from app.client.progress import Event, ProgressCallback
 from app.client.retry import Backoff
 from app.client.source import Source, SourceLike, open_source
 from app.client.state import SessionState
@@ -151,6 +151,28 @@ async def upload(url: str, source: SourceLike | Source, **kwargs: Any) -> dict[s
     ``total``, ``headers``, ``content_type``, ``on_progress``, ``retries``,
     ``backoff``, ``stall_timeout``, ``initiate``, ``session``."""
     return await Uploader(url, source, **kwargs).run()
+
+
+async def upload_events(url: str, source: SourceLike | Source,
+                        **kwargs: Any) -> AsyncIterator[Event]:
+    """``upload()`` as a stream of events, ending with ``Completed``; a failure
+    is raised from the iterator after the events that led to it."""
+    queue: asyncio.Queue[Event | None] = asyncio.Queue()
+    callback = kwargs.pop("on_progress", None)
+
+    def emit(event: Event) -> None:
+        queue.put_nowait(event)
+        if callback is not None:
+            callback(event)
+
+    task = asyncio.ensure_future(upload(url, source, on_progress=emit, **kwargs))
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while (event := await queue.get()) is not None:
+            yield event
+        task.result()
+    finally:
+        task.cancel()
 
 
 async def resume(state: SessionState, source: SourceLike | Source,

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, Any, BinaryIO
 
 from app.client.api import Uploader
@@ -25,8 +26,10 @@ from app.client.state import SessionState
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 130
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_UNITS = MappingProxyType({
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+    "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+})
 _SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 
 

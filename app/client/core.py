@@ -279,10 +279,20 @@ class Engine:
                 delay = self._policy.delay(self.opts.uniform, exc.retry_after)
                 self._emit(Retrying(self._policy.attempt, delay, exc.reason, self.acked))
                 self.need_probe = True
-                if self.pause_requested:
-                    # Paused while failing: no point waiting out the backoff.
-                    delay = 0.0
-                await self.opts.sleep(delay)
+                await self._backoff_sleep(delay)
+
+    async def _backoff_sleep(self, delay: float) -> None:
+        # A pause cuts the wait short: the probe that follows needs no backoff.
+        if self.pause_requested:
+            return
+        sleeping = asyncio.ensure_future(self.opts.sleep(delay))
+        pausing = asyncio.ensure_future(self._pause.wait())
+        try:
+            await asyncio.wait({sleeping, pausing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeping, pausing):
+                task.cancel()
+            await asyncio.gather(sleeping, pausing, return_exceptions=True)
 
     # --- requests ---
 

@@ -207,13 +207,14 @@ class FaultRelay:
 
 
 class StubProxy:
-    """Forwards to ``upstream``; ``fail_first`` requests get 503 + Retry-After
+    """Forwards to ``upstream``; ``fail_first`` requests get ``status`` + Retry-After
     (their bodies read and dropped); ``lie_crc`` rewrites the completion's
     crc32c; ``lie_offset`` adds bytes to every 308's Range."""
 
     def __init__(self, upstream: str, *, fail_first: int = 0, retry_after: str = "1",
-                 lie_crc: bool = False, lie_offset: int = 0) -> None:
+                 status: int = 503, lie_crc: bool = False, lie_offset: int = 0) -> None:
         self.upstream = upstream
+        self.status = status
         self.fail_first = fail_first
         self.retry_after = retry_after
         self.lie_crc = lie_crc
@@ -245,11 +246,12 @@ class StubProxy:
         status_of_stub = None
         if self.fail_first > 0:
             self.fail_first -= 1
-            status_of_stub = 503
+            status_of_stub = self.status
         self.seen.append((request.method, request.headers.get("Content-Range"), len(body)))
         if status_of_stub:
             return web.json_response({"error": "unavailable", "message": "try later"},
-                                     status=503, headers={"Retry-After": self.retry_after})
+                                     status=status_of_stub,
+                                     headers={"Retry-After": self.retry_after})
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in ("content-range", "content-type", "x-upload-content-length",
                                     "x-upload-content-type")}

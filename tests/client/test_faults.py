@@ -10,8 +10,8 @@ from app.client import ChecksumMismatch, OffsetError, Retrying, upload
 from tests.client.faults import FaultRelay, StubProxy
 from tests.client.support import KIB, MIB, data_of, stored
 
-FAULTS = [(1 * MIB, "cut"), (2 * MIB + 12345, "cut"), (3 * MIB + 777, "stall"),
-          (4 * MIB + 99, "cut")]
+FAULTS = ((1 * MIB, "cut"), (2 * MIB + 12345, "cut"), (3 * MIB + 777, "stall"),
+          (4 * MIB + 99, "cut"))
 
 
 class NoSleep:
@@ -43,10 +43,11 @@ async def test_cuts_and_a_stall(proxy, store_harness, chunk_size) -> None:
     assert relay.forwarded >= len(data)
 
 
-async def test_503_twice_then_success_honours_retry_after(proxy, store_harness) -> None:
+@pytest.mark.parametrize("status", [503, 429])
+async def test_busy_twice_then_success_honours_retry_after(proxy, store_harness, status) -> None:
     data = data_of(MIB + 5)
     sleep = NoSleep()
-    async with StubProxy(proxy.url, fail_first=2, retry_after="7") as stub:
+    async with StubProxy(proxy.url, fail_first=2, retry_after="7", status=status) as stub:
         result = await upload(f"{stub.url}/upload/f/503.bin", data, sleep=sleep)
     assert result["size"] == len(data)
     assert sleep.delays == [7.0, 7.0]

@@ -3,12 +3,23 @@ streams of unknown length, the writer, session URLs."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
 import google_crc32c
+import pytest
 
-from app.client import Completed, Progress, ResumableWriter, upload
+from app.client import (
+    Completed,
+    OffsetError,
+    Progress,
+    ResumableWriter,
+    resume,
+    upload,
+    upload_events,
+    upload_sync,
+)
 from app.client.core import crc_b64
 from tests.client.support import KIB, MIB, data_of, stored
 
@@ -71,3 +82,28 @@ async def test_writer(proxy, store_harness) -> None:
     assert w.result is not None and w.result["size"] == len(data)
     assert w.result["crc32c"] == crc_b64(google_crc32c.value(data))
     assert await stored(store_harness, "w/out.bin") == data
+
+
+async def test_events_iterator_and_sync_wrapper(proxy, store_harness) -> None:
+    data = data_of(600 * KIB)
+    events = [e async for e in upload_events(f"{proxy.url}/upload/e/a.bin", data,
+                                             chunk_size=256 * KIB)]
+    assert isinstance(events[-1], Completed) and events[-1].size == len(data)
+    assert [e.acknowledged for e in events if isinstance(e, Progress)][-1] == 512 * KIB
+    result = await asyncio.to_thread(upload_sync, f"{proxy.url}/upload/e/b.bin", data)
+    assert result["size"] == len(data)
+    assert await stored(store_harness, "e/b.bin") == data
+
+
+async def test_resume_refuses_a_server_that_moved_on(proxy) -> None:
+    """A saved state whose offset the server no longer agrees with is refused."""
+    url = f"{proxy.url}/upload/e/moved.bin"
+    data = data_of(MIB)
+    async with ResumableWriter(url, chunk_size=256 * KIB) as w:
+        await w.write(data[:300 * KIB])
+        old = await w.pause()
+    async with ResumableWriter(url, state=old) as w:
+        await w.write(data[old.offset:600 * KIB])
+        await w.pause()
+    with pytest.raises(OffsetError, match="sent only 262144"):
+        await resume(old, data)
