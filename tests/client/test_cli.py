@@ -53,6 +53,18 @@ async def test_file_upload_plain_output(proxy, store_harness, tmp_path: Path) ->
     assert await stored(store_harness, "cli/clip.bin") == data
 
 
+@pytest.mark.parametrize("store_kind", ["filesystem"], indirect=True)
+async def test_progress_bar(proxy, tmp_path: Path) -> None:
+    """What a terminal gets (forced here, since the test's stderr is a pipe)."""
+    path = tmp_path / "bar.bin"
+    path.write_bytes(data_of(MIB))
+    code, out, err = await run_cli(str(path), f"{proxy.url}/upload/cli/bar.bin",
+                                   "--progress", "bar")
+    assert code == 0, err
+    assert json.loads(out)["size"] == MIB
+    assert "\r" in err and "bar.bin: 100%" in err and "1.00M/1.00M" in err, err
+
+
 async def test_stdin_of_unknown_length(proxy, store_harness) -> None:
     data = data_of(MIB + 54321)
     code, out, err = await run_cli("-", f"{proxy.url}/upload/cli/stdin.bin",
