@@ -20,7 +20,7 @@ from typing import IO, Any, BinaryIO
 
 from app.client.api import Uploader
 from app.client.core import DEFAULT_STALL_TIMEOUT, validate_chunk_size
-from app.client.errors import UploadClientError, UploadPaused
+from app.client.errors import RetriesExhausted, UploadClientError, UploadPaused
 from app.client.progress import Completed, Event, Progress, Resumed, Retrying
 from app.client.state import SessionState
 
@@ -249,6 +249,16 @@ def main(argv: list[str] | None = None, prog: str = "upload-proxy") -> int:
         reporter.close()
         print("stopped; the server keeps what it acknowledged", file=sys.stderr)
         return EXIT_PAUSED
+    except RetriesExhausted as exc:
+        reporter.close()
+        print(f"upload failed: {exc.message}", file=sys.stderr)
+        engine = uploader.engine
+        if engine is not None and engine.started:
+            # The server keeps what it acknowledged: the upload can go on later.
+            engine.state().save(state_file)
+            print(f"state saved to {state_file}; resume with: "
+                  f"{resume_command(prog, argv, state_file)}", file=sys.stderr)
+        return EXIT_FAILED
     except UploadClientError as exc:
         reporter.close()
         print(f"upload failed: {exc.message}", file=sys.stderr)

@@ -144,7 +144,6 @@ class Engine:
         self.sent_high = 0
         self.sent_total = 0
         self.started = False
-        self.resumed = state is not None
         self.need_probe = False
         self._policy = options.backoff
         self._buf = bytearray()
@@ -155,7 +154,8 @@ class Engine:
         self._meter = RateMeter()
         self._pause = asyncio.Event()
         if state is not None:
-            self.acked = self.sent_high = state.offset
+            self.acked = state.offset
+            self.sent_high = max(state.offset, state.sent or 0)
             self.crc = state.crc32c
             self.started = state.started
             self.total = state.total if state.total is not None else total
@@ -165,7 +165,8 @@ class Engine:
 
     def state(self) -> SessionState:
         return SessionState(url=self.url, offset=self.acked, total=self.total,
-                            chunk_size=self.chunk_size, crc32c=self.crc, started=self.started)
+                            chunk_size=self.chunk_size, crc32c=self.crc, started=self.started,
+                            sent=self.sent_high)
 
     def request_pause(self) -> None:
         self._pause.set()
@@ -246,11 +247,6 @@ class Engine:
             assert answer.status == 308
             offset = self._offset_of(answer)
             self.started = True
-        if self.resumed and offset != self.acked:
-            raise OffsetError(
-                f"the server holds {offset} bytes of this upload, the saved state says "
-                f"{self.acked}; refusing to continue")
-        self.resumed = False
         await self._advance(offset)
         self.need_probe = False
         self._emit(Resumed(offset))
@@ -502,6 +498,10 @@ class Engine:
         start, total = self.acked, self.total
         if total == 0:
             return await self._plain_empty()
+        if start == total:
+            # All stored but not completed (a 308 for the last byte): finalize.
+            headers = {**self.opts.headers, "Content-Range": f"bytes */{total}"}
+            return await self._after_data(await self._request("PUT", self.url, headers, None, 0))
         headers = dict(self.opts.headers)
         headers["Content-Length"] = str(total - start)
         if start == 0 and not self.started:

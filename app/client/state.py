@@ -21,6 +21,9 @@ class SessionState:
     chunk_size: int | None
     crc32c: int
     started: bool = True
+    # The furthest byte ever handed to a connection: on resume the server may
+    # report up to this much (a request whose answer was lost), never more.
+    sent: int | None = None
     version: int = STATE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,8 +46,11 @@ class SessionState:
             raise ValueError("state total must be an integer >= offset")
         if chunk is not None and not isinstance(chunk, int):
             raise ValueError("state chunk_size must be an integer")
+        sent = raw.get("sent")
+        if sent is not None and (not isinstance(sent, int) or sent < offset):
+            raise ValueError("state sent must be an integer >= offset")
         return cls(url=raw["url"], offset=offset, total=total, chunk_size=chunk, crc32c=crc,
-                   started=bool(raw.get("started", True)))
+                   started=bool(raw.get("started", True)), sent=sent)
 
     @classmethod
     def from_json(cls, text: str) -> SessionState:

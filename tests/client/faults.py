@@ -207,13 +207,16 @@ class FaultRelay:
 
 
 class StubProxy:
-    """Forwards to ``upstream``; ``fail_first`` requests get ``status`` + Retry-After
-    (their bodies read and dropped); ``lie_crc`` rewrites the completion's
-    crc32c; ``lie_offset`` adds bytes to every 308's Range."""
+    """Forwards to ``upstream``; the first ``fail_first`` requests, and all from
+    the ``fail_from``-th on, get ``status`` + Retry-After (their bodies read and
+    dropped); ``lie_crc`` rewrites the completion's crc32c; ``lie_offset`` adds
+    bytes to every 308's Range."""
 
     def __init__(self, upstream: str, *, fail_first: int = 0, retry_after: str = "1",
-                 status: int = 503, lie_crc: bool = False, lie_offset: int = 0) -> None:
+                 status: int = 503, fail_from: int | None = None, lie_crc: bool = False,
+                 lie_offset: int = 0) -> None:
         self.upstream = upstream
+        self.fail_from = fail_from
         self.status = status
         self.fail_first = fail_first
         self.retry_after = retry_after
@@ -246,6 +249,8 @@ class StubProxy:
         status_of_stub = None
         if self.fail_first > 0:
             self.fail_first -= 1
+            status_of_stub = self.status
+        if self.fail_from is not None and len(self.seen) + 1 >= self.fail_from:
             status_of_stub = self.status
         self.seen.append((request.method, request.headers.get("Content-Range"), len(body)))
         if status_of_stub:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.client.faults import FaultRelay
+from tests.client.faults import FaultRelay, StubProxy
 from tests.client.support import KIB, MIB, ROOT, child_env, data_of, stored
 
 
@@ -157,3 +157,24 @@ async def test_ctrl_c_pauses_then_resumes(proxy, store_harness, tmp_path: Path, 
     assert json.loads(out)["size"] == len(data)
     assert not state_file.exists()
     assert await stored(store_harness, "cli/big.bin") == data
+
+
+async def test_giving_up_saves_the_state_for_later(proxy, store_harness, tmp_path: Path) -> None:
+    data = data_of(2 * MIB + 1, seed=12)
+    path = tmp_path / "late.bin"
+    path.write_bytes(data)
+    # The initiation and three chunks go through, then the server is "down".
+    async with StubProxy(proxy.url, fail_from=5, retry_after="0") as stub:
+        code, _, err = await run_cli(str(path), f"{stub.url}/upload/cli/late.bin",
+                                     "--chunk-size", "256KiB", "--retries", "2",
+                                     "--progress", "none", cwd=tmp_path)
+        assert code == 1, err
+        assert "upload failed: gave up after 2 retries" in err, err
+        state = json.loads((tmp_path / "late.bin.upload-state.json").read_text())
+        assert state["offset"] == 3 * 256 * KIB
+        stub.fail_from = None
+        argv = shlex.split(err.strip().splitlines()[-1].split("resume with: ", 1)[1])
+        code, out, err = await run_cli(*argv[4:], cwd=tmp_path)
+    assert code == 0, err
+    assert json.loads(out)["size"] == len(data)
+    assert await stored(store_harness, "cli/late.bin") == data
