@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None, prog: str = "upload-proxy") -> int:
                   f"tail -c +{paused.state.offset + 1} FILE | ...", file=sys.stderr)
         print(f"resume with: {resume_command(prog, argv, state_file)}", file=sys.stderr)
         return EXIT_PAUSED
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # A second Ctrl-C, or one before the upload had begun.
         reporter.close()
         print("stopped; the server keeps what it acknowledged", file=sys.stderr)
         return EXIT_PAUSED

@@ -145,7 +145,6 @@ class Engine:
         self.sent_total = 0
         self.started = False
         self.need_probe = False
-        self._policy = options.backoff
         self._buf = bytearray()
         self._eof = False
         self._stream_pos = 0
@@ -264,16 +263,19 @@ class Engine:
     # --- retries ---
 
     async def _retrying(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        # Each call starts with the whole budget, and so does any failure after
+        # new bytes were acknowledged: the budget is for failures in a row.
+        policy = self.opts.backoff
         while True:
             acked = self.acked
             try:
                 return await attempt()
             except _Transient as exc:
                 if self.acked > acked:
-                    self._policy = self.opts.backoff
-                self._policy = self._policy.increment(exc.reason)
-                delay = self._policy.delay(self.opts.uniform, exc.retry_after)
-                self._emit(Retrying(self._policy.attempt, delay, exc.reason, self.acked))
+                    policy = self.opts.backoff
+                policy = policy.increment(exc.reason)
+                delay = policy.delay(self.opts.uniform, exc.retry_after)
+                self._emit(Retrying(policy.attempt, delay, exc.reason, self.acked))
                 self.need_probe = True
                 await self._backoff_sleep(delay)
 
@@ -458,7 +460,6 @@ class Engine:
         if done is None:
             self.started = True
             await self._advance(self._offset_of(answer))
-            self._policy = self.opts.backoff
         return done
 
     async def _plain_empty(self) -> dict[str, Any]:
