@@ -35,7 +35,9 @@ async def test_cuts_and_a_stall(proxy, store_harness, chunk_size) -> None:
     assert await stored(store_harness, "f/cut.bin") == data
     relay.check_no_resend_after_ack()
     retries = [e for e in events if isinstance(e, Retrying)]
-    assert len(retries) == 4, retries
+    # One per fault; a loaded machine may add a timed-out probe, never fewer.
+    assert len(retries) >= 4, retries
+    assert any(e.error == "no progress for 1s" for e in retries), retries
     print(f"\n{chunk_size=}: size {len(data)}, forwarded {relay.forwarded}, "
           f"received by relay {relay.received}")
     # Bytes may reach the server twice only if it never acknowledged them (it

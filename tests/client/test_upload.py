@@ -56,6 +56,12 @@ async def test_async_iterator_of_unknown_length(proxy, store_harness) -> None:
     result = await upload(f"{proxy.url}/upload/s/stream.bin", pieces(), chunk_size=512 * KIB)
     assert result["size"] == len(data)
     assert await stored(store_harness, "s/stream.bin") == data
+    # A stated total goes in every chunk's range instead of "*".
+    events: list[object] = []
+    result = await upload(f"{proxy.url}/upload/s/known.bin", pieces(), total=len(data),
+                          on_progress=events.append)
+    assert result["size"] == len(data)
+    assert all(e.total == len(data) for e in events if isinstance(e, Progress))
 
 
 async def test_stream_ending_on_a_chunk_boundary_and_empty(proxy, store_harness) -> None:
