@@ -231,43 +231,49 @@ def main(argv: list[str] | None = None, prog: str = "upload-proxy") -> int:
         content_type=args.content_type, on_progress=reporter, retries=args.retries,
         backoff=args.backoff, stall_timeout=args.stall_timeout, state=state,
     )
+    def save(state: SessionState) -> None:
+        state.save(state_file)
+        if args.file == "-":
+            print(f"feed the bytes from offset {state.offset} on to stdin, e.g. "
+                  f"tail -c +{state.offset + 1} FILE | ...", file=sys.stderr)
+        print(f"resume with: {resume_command(prog, argv, state_file)}", file=sys.stderr)
+
+    def save_if_started() -> None:
+        # The server keeps what it acknowledged, so the upload can go on later.
+        engine = uploader.engine
+        if engine is not None and engine.started:
+            print(f"state saved to {state_file} (at byte {engine.acked})", file=sys.stderr)
+            save(engine.state())
+
     try:
         result = asyncio.run(_run(args, uploader))
     except UploadPaused as paused:
         reporter.close()
-        paused.state.save(state_file)
         total = paused.state.total
         print(f"paused at byte {paused.state.offset}"
               f"{f' of {total}' if total is not None else ''}; state saved to {state_file}",
               file=sys.stderr)
-        if args.file == "-":
-            print(f"feed the bytes from offset {paused.state.offset} on to stdin, e.g. "
-                  f"tail -c +{paused.state.offset + 1} FILE | ...", file=sys.stderr)
-        print(f"resume with: {resume_command(prog, argv, state_file)}", file=sys.stderr)
+        save(paused.state)
         return EXIT_PAUSED
     except (asyncio.CancelledError, KeyboardInterrupt):
         # A second Ctrl-C, or one before the upload had begun.
         reporter.close()
-        print("stopped; the server keeps what it acknowledged", file=sys.stderr)
+        print("stopped", file=sys.stderr)
+        save_if_started()
         return EXIT_PAUSED
     except RetriesExhausted as exc:
         reporter.close()
         print(f"upload failed: {exc.message}", file=sys.stderr)
-        engine = uploader.engine
-        if engine is not None and engine.started:
-            # The server keeps what it acknowledged: the upload can go on later.
-            engine.state().save(state_file)
-            print(f"state saved to {state_file}; resume with: "
-                  f"{resume_command(prog, argv, state_file)}", file=sys.stderr)
+        save_if_started()
         return EXIT_FAILED
     except UploadClientError as exc:
         reporter.close()
         print(f"upload failed: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
-    except ValueError as exc:
+    except OSError as exc:
         reporter.close()
-        print(f"upload failed: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"upload failed: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if source is not sys.stdin.buffer:
             source.close()
