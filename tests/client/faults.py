@@ -4,7 +4,8 @@
 heads, body lengths, response statuses and ``Range``) and acts at byte counts
 of upload body forwarded to the server: it cuts the connection, or stalls it
 (stops forwarding, keeps both sockets open), or calls a watcher (to send a
-signal, say). Its log shows what the client sent after each acknowledgement.
+signal, say; forwarding waits for the awaitable it may return). Its log
+shows what the client sent after each acknowledgement.
 
 ``StubProxy`` is an aiohttp app in front of the server that answers 503 a few
 times, or lies about the crc32c or the offset.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -65,7 +66,8 @@ def _head(raw: bytes) -> tuple[str, dict[str, str]]:
 class FaultRelay:
     target_port: int
     faults: list[tuple[int, str]] = field(default_factory=list)
-    watches: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
+    watches: list[tuple[int, Callable[[], Awaitable[None] | None]]] = field(
+        default_factory=list)
     log: list[Req | Resp] = field(default_factory=list)
     forwarded: int = 0
     received: int = 0
@@ -177,7 +179,11 @@ class FaultRelay:
                 remaining -= len(body)
                 buf = buf[len(body):]
                 while self.watches and self.forwarded >= self.watches[0][0]:
-                    self.watches.pop(0)[1]()
+                    held = self.watches.pop(0)[1]()
+                    if held is not None:
+                        # The watcher wants nothing more forwarded until it is done;
+                        # shielded, as this connection may be torn down meanwhile.
+                        await asyncio.shield(held)
             await writer.drain()
 
     async def _downstream(self, conn: int, reader: asyncio.StreamReader,
