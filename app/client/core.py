@@ -194,7 +194,7 @@ class Engine:
             headers["X-Upload-Content-Type"] = self.opts.content_type
 
         async def attempt() -> _Answer:
-            answer = await self._request("POST", self.url, headers, None, 0)
+            answer = await self._request("POST", self.url, headers, None)
             if answer.status in (200, 201) and answer.headers.get("Location"):
                 return answer
             self._raise_for(answer)
@@ -234,7 +234,7 @@ class Engine:
         """Ask the server for its offset and continue from it."""
         total = "*" if self.total is None or self.total > self.sent_high else str(self.total)
         headers = {**self.opts.headers, "Content-Range": f"bytes */{total}"}
-        answer = await self._request("PUT", self.url, headers, None, 0)
+        answer = await self._request("PUT", self.url, headers, None)
         if answer.status in (404, 410) and not self.started:
             # Nothing of ours ever reached the server: start from byte 0.
             offset = 0
@@ -295,7 +295,7 @@ class Engine:
     # --- requests ---
 
     async def _request(self, method: str, url: str, headers: dict[str, str],
-                       body: AsyncIterator[bytes] | None, length: int) -> _Answer:
+                       body: AsyncIterator[bytes] | None) -> _Answer:
         loop = asyncio.get_running_loop()
         stall = self.opts.stall_timeout
         try:
@@ -428,7 +428,6 @@ class Engine:
                 left -= len(piece)
             self.crc = crc
         self.acked = offset
-        self._meter.restart()
 
     async def _send_chunk(self, final: bool) -> dict[str, Any] | None:
         assert self.chunk_size is not None
@@ -444,7 +443,7 @@ class Engine:
                 return await self._plain_empty()
             # Everything is stored and the total is now known: a probe that states it.
             headers = {**self.opts.headers, "Content-Range": f"bytes */{total}"}
-            answer = await self._request("PUT", self.url, headers, None, 0)
+            answer = await self._request("PUT", self.url, headers, None)
             return await self._after_data(answer)
         chunk = bytes(self._buf[:size])
         headers = {**self.opts.headers,
@@ -452,7 +451,7 @@ class Engine:
                    "Content-Length": str(size)}
         if self.opts.content_type and start == 0:
             headers["Content-Type"] = self.opts.content_type
-        answer = await self._request("PUT", self.url, headers, self._body_of(chunk, start), size)
+        answer = await self._request("PUT", self.url, headers, self._body_of(chunk, start))
         return await self._after_data(answer)
 
     async def _after_data(self, answer: _Answer) -> dict[str, Any] | None:
@@ -466,7 +465,7 @@ class Engine:
         headers = dict(self.opts.headers)
         if self.opts.content_type:
             headers["Content-Type"] = self.opts.content_type
-        answer = await self._request("PUT", self.url, headers, None, 0)
+        answer = await self._request("PUT", self.url, headers, None)
         done = await self._handle(answer)
         if done is None:
             raise UploadClientError("the server did not complete an empty upload")
@@ -502,7 +501,7 @@ class Engine:
         if start == total:
             # All stored but not completed (a 308 for the last byte): finalize.
             headers = {**self.opts.headers, "Content-Range": f"bytes */{total}"}
-            return await self._after_data(await self._request("PUT", self.url, headers, None, 0))
+            return await self._after_data(await self._request("PUT", self.url, headers, None))
         headers = dict(self.opts.headers)
         headers["Content-Length"] = str(total - start)
         if start == 0 and not self.started:
@@ -514,7 +513,7 @@ class Engine:
         await self.source.seek(start)
         self._stream_pos, self._stream_crc = start, self.crc
         request = asyncio.ensure_future(
-            self._request("PUT", self.url, headers, self._stream_body(start, total), total - start))
+            self._request("PUT", self.url, headers, self._stream_body(start, total)))
         pause = asyncio.ensure_future(self._pause.wait())
         try:
             await asyncio.wait({request, pause}, return_when=asyncio.FIRST_COMPLETED)

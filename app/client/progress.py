@@ -62,14 +62,13 @@ class RateMeter:
         self._samples: deque[tuple[float, int]] = deque()
 
     def add(self, now: float, position: int) -> float:
+        if self._samples and position < self._samples[-1][1]:
+            # Resent from the acknowledged offset after a failure: the bytes
+            # lost in between must not count as negative throughput.
+            self._samples.clear()
         self._samples.append((now, position))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
             self._samples.popleft()
         first_t, first_pos = self._samples[0]
         span = now - first_t
         return (position - first_pos) / span if span > 0 else 0.0
-
-    def restart(self) -> None:
-        # A resumed request starts again from the acknowledged offset; the bytes
-        # lost in between must not count as negative throughput.
-        self._samples.clear()

@@ -6,6 +6,7 @@ import pytest
 
 from app.client import Backoff, RetriesExhausted, SessionState, upload
 from app.client.core import is_session_url, needs_initiation
+from app.client.progress import RateMeter
 from app.client.retry import parse_retry_after
 from tests.client.support import KIB, data_of, stored
 
@@ -65,3 +66,15 @@ async def test_json_api_style_initiation_then_session_url(proxy, store_harness) 
                           chunk_size=256 * KIB, content_type="application/x-test")
     assert result["size"] == len(data) and result["contentType"] == "application/x-test"
     assert await stored(store_harness, "g/a.bin") == data
+
+
+def test_rate_meter_window_and_resend() -> None:
+    meter = RateMeter(window=5.0)
+    assert meter.add(0.0, 0) == 0.0
+    assert meter.add(1.0, 100) == 100.0
+    assert meter.add(10.0, 1000) == 100.0
+    # Samples older than the window are dropped.
+    assert meter.add(11.0, 1100) == 100.0
+    # Back to an earlier offset after a failure: measured afresh.
+    assert meter.add(12.0, 500) == 0.0
+    assert meter.add(13.0, 800) == 300.0
