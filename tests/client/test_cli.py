@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from app.client import cli
 from tests.client.faults import FaultRelay, StubProxy
 from tests.client.support import KIB, MIB, ROOT, child_env, data_of, stored
 
@@ -81,14 +82,17 @@ async def test_exit_codes(proxy, tmp_path: Path) -> None:
     url = f"{proxy.url}/upload/cli/f.bin"
     bad_state = tmp_path / "bad.json"
     bad_state.write_text("{}")
-    for args in ([str(path), url, "--chunk-size", "100"],
-                 [str(path), url, "--chunk-size", "lots"],
+    code, _, err = await run_cli(str(path), url, "--chunk-size", "100")
+    assert code == 2 and "multiple of 256 KiB" in err, err
+    # The other usage errors in this process (argparse exits with 2).
+    for args in ([str(path), url, "--chunk-size", "lots"],
                  [str(tmp_path / "missing"), url],
                  [str(path), url, "--header", "no-colon"],
                  [str(path), url, "--resume", str(bad_state)],
                  [str(path)]):
-        code, _, err = await run_cli(*args)
-        assert code == 2, (args, err)
+        with pytest.raises(SystemExit) as info:
+            cli.main(args)
+        assert info.value.code == 2, args
     # Nothing listens there: fails after its retries.
     code, _, err = await run_cli(str(path), "http://127.0.0.1:9/upload/x", "--retries", "1",
                                  "--backoff", "0")
