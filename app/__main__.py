@@ -1,5 +1,6 @@
 """``python -m app [--config PATH] [--host HOST] [--port PORT]`` runs the server;
-``python -m app cleanup --older-than 24h [...]`` runs the cleanup job (``app.cleanup``)."""
+``python -m app cleanup --older-than 24h [...]`` runs the cleanup job (``app.cleanup``);
+``python -m app upload FILE|- URL [...]`` uploads with the client (``app.client.cli``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.ops.cleanup import main as cleanup_main
 
         return cleanup_main(argv[1:], prog="python -m app cleanup")
+    if argv[:1] == ["upload"]:
+        from app.client.cli import main as upload_main
+
+        return upload_main(argv[1:], prog="python -m app upload")
     parser = argparse.ArgumentParser(prog="python -m app", description="Resumable upload proxy")
     parser.add_argument("--config", default=None,
                         help=f"YAML config file (default: {DEFAULT_CONFIG_PATH})")

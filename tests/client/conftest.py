@@ -1,0 +1,1 @@
+from tests.client.support import proxies, proxy  # noqa: F401
