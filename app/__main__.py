@@ -10,8 +10,10 @@ import sys
 
 from aiohttp import web
 
+from app.client.cli import main as upload_main
 from app.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, replace
 from app.errors import UploadError
+from app.ops.cleanup import main as cleanup_main
 from app.ops.logs import setup_logging
 from app.service import create_app
 
@@ -21,12 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["cleanup"]:
         # A word rather than an argparse subcommand, so the server's own
         # command line stays exactly what Procfiles and scripts already run.
-        from app.ops.cleanup import main as cleanup_main
-
         return cleanup_main(argv[1:], prog="python -m app cleanup")
     if argv[:1] == ["upload"]:
-        from app.client.cli import main as upload_main
-
         return upload_main(argv[1:], prog="python -m app upload")
     parser = argparse.ArgumentParser(prog="python -m app", description="Resumable upload proxy")
     parser.add_argument("--config", default=None,

@@ -11,8 +11,8 @@ from aiohttp import web
 from app.auth.webhook import Authorizer
 from app.config import Config
 from app.http.app import build_app
-from app.stores import open_store
 from app.stores.base import Store
+from app.stores.registry import open_store
 
 
 def create_app(

@@ -31,8 +31,8 @@ from app.ops.cleanup import (
     format_idle,
     run_cleanup,
 )
-from app.stores import open_store
 from app.stores.base import NotAnOrphan, Orphan, OrphanSweeper, Store, UploadInfo
+from app.stores.registry import open_store
 from tests.relay import TcpRelay
 from tests.stores.fixtures import StoreHarness
 from tests.stores.test_s3_store import emulate_s3_upload_listing

@@ -46,7 +46,6 @@ from app.callbacks.notifier import CompletionNotifier
 from app.config import Config, ConfigError, load_config, parse_duration
 from app.errors import UploadError, UploadNotFound
 from app.ops.logs import setup_logging
-from app.stores import open_store
 from app.stores.base import (
     CallbackOutbox,
     NotAnOrphan,
@@ -55,6 +54,7 @@ from app.stores.base import (
     Store,
     UploadInfo,
 )
+from app.stores.registry import open_store
 
 log = logging.getLogger("app.cleanup")
 

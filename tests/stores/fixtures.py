@@ -21,9 +21,9 @@ import pytest
 
 from app.config import Config, StorageConfig, config_from_mapping
 from app.config import replace as replace_config
-from app.stores import open_store
 from app.stores.base import Store
 from app.stores.memory import MemoryBacking, MemoryStore
+from app.stores.registry import open_store
 
 STORE_KINDS = ["filesystem", "s3"]
 KIT_KINDS = [*STORE_KINDS, "memory"]

@@ -7,8 +7,8 @@ import logging
 import pytest
 
 from app.config import config_from_mapping
-from app.stores import open_store
 from app.stores.memory import MemoryBacking, MemoryStore
+from app.stores.registry import open_store
 from tests.stores.kit.helpers import append, new_upload
 
 
