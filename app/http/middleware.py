@@ -105,8 +105,9 @@ def _count_request(
     metrics: Metrics, request: web.Request, action: str | None, status: int, elapsed: float
 ) -> None:
     label = action or "none"
-    metrics.http_requests.labels(label, str(status)).inc()
-    metrics.http_request_duration.labels(label).observe(elapsed)
+    dialect = request.get(keys.REQUEST_DIALECT, "none")
+    metrics.http_requests.labels(dialect, label, str(status)).inc()
+    metrics.http_request_duration.labels(dialect, label).observe(elapsed)
     metrics.bytes_received.inc(request.get(keys.REQUEST_RECEIVED, 0))
     metrics.bytes_stored.inc(request.get(keys.REQUEST_STORED, 0))
     if action == "cancel" and status == 204:

@@ -102,11 +102,12 @@ class Metrics:
             "buffered_bytes", "Upload bytes the store holds in memory right now.",
             namespace=ns, registry=r)
         self.http_requests = Counter(
-            "http_requests", "HTTP requests by upload action and status code.",
-            ["action", "status"], namespace=ns, registry=r)
+            "http_requests", "HTTP requests by wire dialect, upload action and status code.",
+            ["dialect", "action", "status"], namespace=ns, registry=r)
         self.http_request_duration = Histogram(
-            "http_request_duration_seconds", "HTTP request duration by upload action.",
-            ["action"], namespace=ns, registry=r, buckets=_REQUEST_BUCKETS)
+            "http_request_duration_seconds",
+            "HTTP request duration by wire dialect and upload action.",
+            ["dialect", "action"], namespace=ns, registry=r, buckets=_REQUEST_BUCKETS)
         self.auth_duration = Histogram(
             "auth_duration_seconds",
             "Time to authorize a request (the auth webhook, or its cache).",
