@@ -71,6 +71,8 @@ function start(file) {
     },
     onRetry({ attempt, delay, error }) {
       entry.retries += 1;
+      $(".rate").textContent = "";
+      $(".eta").textContent = "paused";
       show("waiting", `connection lost (${error.message}): retrying in ${delay.toFixed(1)} s` +
                       ` (attempt ${attempt})`);
     },
