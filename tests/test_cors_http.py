@@ -13,6 +13,7 @@ import pytest
 
 from app.auth.webhook import AuthRequest
 from app.core.grant import Grant
+from app.http.static_views import DEFAULT_UPPY_DIST
 from tests.http_support import Proxy, ProxyFactory
 from tests.stores.fixtures import storage_config
 
@@ -274,3 +275,18 @@ async def test_demo_pages_only_when_switched_on(
             assert resp.status == 200
     finally:
         await factory.stop_all()
+
+
+async def test_uppy_page_names_the_tus_path_and_serves_only_uppy_bundle_files(
+    proxy: Proxy, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(proxy.url + "/demo/uppy") as resp:
+        assert '<meta name="tus-endpoint" content="/files/">' in await resp.text()
+    async with http.get(proxy.url + "/demo/uppy/vendor/uppy.min.mjs") as resp:
+        if (DEFAULT_UPPY_DIST / "uppy.min.mjs").exists():  # a developer installed it here
+            assert resp.headers["Content-Type"] == "text/javascript; charset=utf-8"
+        else:  # the answer says what to install
+            assert resp.status == 404
+            assert "npm install --no-save uppy@6" in (await resp.json())["message"]
+    async with http.get(proxy.url + "/demo/uppy/vendor/package.json") as resp:
+        assert resp.status == 404

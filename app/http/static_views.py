@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from app.http import keys
 from app.http.dialect import Handler
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
@@ -39,7 +42,7 @@ def add_routes(app: web.Application, *, demo_page: bool) -> None:
     if demo_page:
         app.router.add_get("/", page("demo.html"), allow_head=True)
         app.router.add_get("/demo/", page("demo.html"), allow_head=True)
-        app.router.add_get("/demo/uppy", page("uppy.html"), allow_head=True)
+        app.router.add_get("/demo/uppy", uppy_page, allow_head=True)
         app.router.add_get("/demo/uppy/vendor/{file}", uppy_file, allow_head=True)
 
 
@@ -66,8 +69,15 @@ def page(name: str) -> Handler:
     return view
 
 
-async def _serve(request: web.Request, path: Path, missing: str = "no such file"
-                 ) -> web.StreamResponse:
+async def uppy_page(request: web.Request) -> web.StreamResponse:
+    # The page learns where tus lives from the configuration, not from a guess.
+    tus_path = html.escape(request.app[keys.CONFIG].tus.path, quote=True)
+    return await _serve(request, STATIC_DIR / "uppy.html",
+                        fill=lambda data: data.replace(b"__TUS_PATH__", tus_path.encode()))
+
+
+async def _serve(request: web.Request, path: Path, missing: str = "no such file",
+                 fill: Callable[[bytes], bytes] | None = None) -> web.StreamResponse:
     content_type = _CONTENT_TYPES.get(path.suffix)
     if content_type is None:
         raise web.HTTPNotFound(text="no such file")
@@ -75,6 +85,8 @@ async def _serve(request: web.Request, path: Path, missing: str = "no such file"
         data = await asyncio.to_thread(path.read_bytes)
     except (FileNotFoundError, IsADirectoryError):
         raise web.HTTPNotFound(text=missing) from None
+    if fill is not None:
+        data = fill(data)
     etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     # URLs carry no version: a browser keeps its copy but asks each time
     # whether it is still current, so a deployed fix is picked up at once.
