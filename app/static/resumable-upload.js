@@ -41,7 +41,7 @@ export class ResumableUpload {
     this.contentType = options.contentType ?? (file.type || "application/octet-stream");
     this.metadata = options.metadata ?? null;
     this.verify = options.verify ?? true;
-    this.storage = options.storage === undefined ? globalThis.localStorage ?? null : options.storage;
+    this.storage = options.storage === undefined ? defaultStorage() : options.storage;
     this.onProgress = options.onProgress ?? (() => {});
     this.onRetry = options.onRetry ?? (() => {});
     this.onResume = options.onResume ?? (() => {});
@@ -257,6 +257,14 @@ export class ResumableUpload {
 
   _forget() {
     try { this.storage?.removeItem(this._key()); } catch { /* off */ }
+  }
+}
+
+function defaultStorage() {
+  try {
+    return globalThis.localStorage ?? null;
+  } catch {
+    return null; // sandboxed frames and some privacy modes forbid it: no resume across reloads
   }
 }
 
