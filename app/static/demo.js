@@ -45,7 +45,7 @@ function start(file) {
   const $ = (selector) => row.querySelector(selector);
   const name = document.getElementById("prefix").value + file.name;
   const entry = { name, size: file.size, percent: 0, state: "uploading", retries: 0,
-                  resumes: [], chunks: [], object: null, error: null };
+                  resumes: [], chunks: [], delays: [], object: null, error: null };
   demo.uploads.push(entry);
   $(".name").textContent = name;
   $(".size").textContent = mib(file.size);
@@ -71,6 +71,7 @@ function start(file) {
     },
     onRetry({ attempt, delay, error }) {
       entry.retries += 1;
+      entry.delays.push(delay);
       $(".rate").textContent = "";
       $(".eta").textContent = "paused";
       show("waiting", `connection lost (${error.message}): retrying in ${delay.toFixed(1)} s` +

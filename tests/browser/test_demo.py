@@ -8,8 +8,12 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from app.auth.webhook import AuthRequest
+from app.core.grant import Grant
+from app.errors import AuthUnavailable
 from tests.browser.cutting_relay import CuttingRelay
 from tests.http_support import Proxy, ProxyFactory
 from tests.stores.fixtures import storage_config
@@ -90,3 +94,64 @@ async def test_reload_mid_upload_resumes_from_the_probed_offset(
     assert after["chunks"][0] == probed     # the first chunk after the reload starts there
     assert sent_after_resume < len(data) - probed + 64 * 1024
     assert stored(proxy, "demo/reloaded.bin") == data
+
+
+class BrieflyUnavailable(AuthUnavailable):
+    retry_after = 1
+
+
+class FailsFirstAppend:
+    """The auth webhook is down once, for the first chunk after the first."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    async def authorize(self, request: AuthRequest) -> Grant:
+        if request.action == "append" and not self.failed:
+            self.failed = True
+            raise BrieflyUnavailable("auth webhook down")
+        return Grant()
+
+
+async def test_retry_after_is_honoured(browser, tmp_path: Path) -> None:
+    data = os.urandom(2 * MIB)
+    path = tmp_path / "later.bin"
+    path.write_bytes(data)
+    factory = ProxyFactory(storage_config("filesystem", tmp_path, None, None))
+    auth = FailsFirstAppend()
+    try:
+        proxy = await factory.start(authorizer=auth, server={"demo_page": True})
+        page = await browser.new_page()
+        await page.goto(proxy.url + "/?chunk=1048576")
+        await page.set_input_files("#files", str(path))
+        await page.wait_for_function(FINISHED, timeout=30_000)
+        entry = await page.evaluate("window.demo.uploads[0]")
+    finally:
+        await factory.stop_all()
+    assert entry["state"] == "done", entry
+    assert auth.failed
+    assert entry["delays"] == [1]          # the server's Retry-After, not the backoff
+    assert entry["resumes"] == [MIB]       # probed, then went on from the first chunk's end
+    assert stored(proxy, "demo/later.bin") == data
+
+
+async def test_cancel_mid_upload_deletes_the_session(
+    browser, proxy: Proxy, tmp_path: Path
+) -> None:
+    path = tmp_path / "cancelled.bin"
+    path.write_bytes(os.urandom(4 * MIB))
+    with CuttingRelay(proxy.port, hold_at=2 * MIB + MIB // 2) as relay:
+        page = await browser.new_page()
+        await page.goto(relay.url + "/?chunk=1048576")
+        await page.set_input_files("#files", str(path))
+        assert await asyncio.to_thread(relay.holding.wait, 30)
+        await page.click(".upload .cancel")
+        await page.wait_for_selector(".upload.cancelled")
+        saved = await page.evaluate(
+            "Object.keys(localStorage).filter(k => k.startsWith('resumable-upload:'))")
+        relay.release()
+    assert saved == []
+    async with aiohttp.ClientSession() as http, http.put(
+            proxy.url + "/upload/demo/cancelled.bin",
+            headers={"Content-Range": "bytes */*"}) as resp:
+        assert resp.status == 404
