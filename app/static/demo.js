@@ -99,8 +99,11 @@ function start(file) {
     const seconds = (performance.now() - began) / 1000;
     $(".rate").textContent = `${mib(object.size / seconds)}/s on average, ${seconds.toFixed(1)} s`;
     $(".cancel").disabled = true;
+    const story = [];
+    if (entry.retries) story.push(`${entry.retries} failed requests`);
+    if (entry.resumes.length) story.push(`resumed at ${entry.resumes.map(mib).join(", ")}`);
     show("done", `done: ${mib(object.size)} stored as ${object.name}, crc32c ${object.crc32c} ` +
-                 `matches the file${entry.retries ? ` (after ${entry.retries} network drops)` : ""}`);
+                 `matches the file${story.length ? ` (${story.join("; ")})` : ""}`);
   }, (error) => {
     if (entry.state === "cancelled") return;
     entry.error = error.message;
