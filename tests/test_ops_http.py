@@ -89,6 +89,11 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((f"upload_proxy_{name}", tuple(sorted(labels.items()))), 0.0)
 
 
+def requests(samples: dict[Any, float], action: str, status: str) -> float:
+    """Requests of our own dialect with this action and status."""
+    return value(samples, "http_requests_total", dialect="upload", action=action, status=status)
+
+
 # -- health -------------------------------------------------------------------------
 
 
@@ -175,16 +180,18 @@ async def test_metrics_count_a_known_upload(tmp_path, http) -> None:
         assert value(after, "uploads_in_progress") == 0
         assert value(after, "buffered_bytes") == 0
         assert value(after, "writer_takeovers_total") == 0
-        assert value(after, "http_requests_total", dialect="upload", action="create", status="308") == 2
-        assert value(after, "http_requests_total", dialect="upload", action="append", status="308") == 2
-        assert value(after, "http_requests_total", dialect="upload", action="append", status="200") == 1
-        assert value(after, "http_requests_total", dialect="upload", action="status", status="200") == 1
-        assert value(after, "http_requests_total", dialect="upload", action="cancel", status="204") == 1
-        assert value(after, "http_requests_total", dialect="none", action="metrics", status="200") == 1
+        assert requests(after, "create", "308") == 2
+        assert requests(after, "append", "308") == 2
+        assert requests(after, "append", "200") == 1
+        assert requests(after, "status", "200") == 1
+        assert requests(after, "cancel", "204") == 1
+        assert value(after, "http_requests_total",
+                     dialect="none", action="metrics", status="200") == 1
         assert value(after, "auth_decisions_total", outcome="allowed") == 7
         assert value(after, "auth_decisions_total", outcome="forbidden") == 1
         assert value(after, "auth_duration_seconds_count") == 8
-        assert value(after, "http_request_duration_seconds_count", dialect="upload", action="append") == 3
+        assert value(after, "http_request_duration_seconds_count",
+                     dialect="upload", action="append") == 3
         # Each app owns its registry: a second app starts from zero.
         assert app[keys.METRICS].registry is not Metrics().registry
     async with serve(fs_config(tmp_path)) as (url, _):
@@ -198,7 +205,7 @@ async def test_storage_failures_count_as_failed_uploads(tmp_path, http, relay, b
             assert resp.status == 503
         samples = await metrics_of(http, url)
         assert value(samples, "uploads_failed_total") == 1
-        assert value(samples, "http_requests_total", dialect="upload", action="create", status="503") == 1
+        assert requests(samples, "create", "503") == 1
         relay.start()
 
 

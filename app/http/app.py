@@ -24,7 +24,8 @@ from app.core.grant import Grant
 from app.engine.engine import UploadEngine
 from app.engine.writers import WriterRegistry
 from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized
-from app.http import keys, ops_views
+from app.http import keys, ops_views, static_views
+from app.http.cors_middleware import CORS_POLICY, add_cors_headers, cors_guard, policy_for
 from app.http.dialect import Dialect, mount
 from app.http.dialects.ours import OurDialect
 from app.http.middleware import errors_and_access_log
@@ -90,8 +91,13 @@ def build_app(
     an injected store is left open for its owner to close, otherwise
     ``open_store`` opens one at start-up. ``readiness_ttl`` overrides how long a
     ``/readyz`` answer is reused (0: check every time)."""
-    app = web.Application(middlewares=[errors_and_access_log], client_max_size=1024 * 1024)
+    # CORS inside the error middleware, so its refusals are logged and rendered
+    # like any other error, and before every route, so before auth and body.
+    app = web.Application(middlewares=[errors_and_access_log, cors_guard],
+                          client_max_size=1024 * 1024)
     app[keys.CONFIG] = config
+    app[CORS_POLICY] = policy_for(config.cors)
+    app.on_response_prepare.append(add_cors_headers)
     writers = WriterRegistry(config.storage.takeover_timeout)
     app[keys.WRITERS] = writers
     metrics = Metrics()
@@ -163,6 +169,7 @@ def build_app(
     app.router.add_get("/healthz", ops_views.healthz, allow_head=True)
     app.router.add_get("/readyz", ops_views.readyz, allow_head=True)
     app.router.add_get("/metrics", ops_views.metrics_view)
+    static_views.add_routes(app, demo_page=config.server.demo_page)
     mount(app, dialects_for(config))
     return app
 

@@ -25,6 +25,8 @@ from app.http.dialect import Route
 MAX_INITIATION_BODY = 64 * 1024
 UPLOAD_PREFIX = "/upload/"
 NAME = "upload"
+#: Asks for incomplete states as 200 + X-Http-Status-Code-Override: 308.
+NO_308 = "X-GUploader-No-308"
 
 
 class OurDialect:
@@ -79,6 +81,11 @@ def _respond(request: web.Request, outcome: Outcome) -> web.Response:
     rng = format_range(info.offset)
     if rng is not None:
         headers["Range"] = rng
+    if request.headers.get(NO_308, "").strip().lower() == "yes":
+        # Google's workaround for HTTP stacks (browsers' among them) that take
+        # any 308 for a redirect: the same answer, its real status in a header.
+        headers["X-Http-Status-Code-Override"] = "308"
+        return web.Response(status=200, headers=headers)
     # No Location on a 308: HTTP clients would follow it as a redirect.
     # GCS's reason phrase: to a human reading curl -i, this is no redirect.
     return web.Response(status=308, reason="Resume Incomplete", headers=headers)
