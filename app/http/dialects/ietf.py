@@ -82,6 +82,8 @@ class IetfDialect:
             ("PATCH", self._path, create_upload),
             ("OPTIONS", self._path, options),
             ("HEAD", upload, retrieve_offset),
+            # The draft allows GET for offset retrieval too; HEAD is recommended.
+            ("GET", upload, retrieve_offset),
             ("PATCH", upload, append_upload),
             ("DELETE", upload, cancel_upload),
             ("OPTIONS", upload, options),
