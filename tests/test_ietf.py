@@ -13,7 +13,7 @@ import pytest
 
 from app.http import keys
 from tests import test_http
-from tests.ietf_client import path_of, request, start_then_cut
+from tests.ietf_client import Connection, path_of, request, start_then_cut
 from tests.test_http import crc_b64, stored_object
 
 proxies = test_http.proxies
@@ -296,3 +296,36 @@ async def test_interop_3_like_urlsession(proxies, store_harness) -> None:
     assert await stored_object(store_harness, doc["name"]) == data
     head = (await call(proxy.port, "HEAD", path, v(3))).final
     assert head.headers["upload-incomplete"] == "?0"
+
+
+@FS
+async def test_new_request_ends_a_stalled_append(proxies, store_harness) -> None:
+    """A client whose link hung mid-PATCH probes again: the HEAD ends the old
+    request (which keeps what it had) instead of waiting for it to time out."""
+    proxy = await proxies.start(server={"read_timeout": 60})
+    data = os.urandom(3 * MIB)
+    created = (await call(proxy.port, "POST", "/files/", v(8, **{
+        "Upload-Complete": "?0", "Upload-Length": str(len(data))}), data[:MIB])).final
+    path = path_of(created.headers["location"])
+    stalled = Connection(proxy.port)
+    try:
+        stalled.send_head("PATCH", path, v(8, **{
+            "Upload-Complete": "?1", "Upload-Offset": str(MIB),
+            "Content-Type": "application/partial-upload", "Content-Length": str(2 * MIB)}))
+        stalled.send(data[MIB:MIB + MIB // 2])
+        async with asyncio.timeout(15):  # far below the 60 s read timeout
+            head = (await call(proxy.port, "HEAD", path, v(8))).final
+        offset = int(head.headers["upload-offset"])
+        assert MIB <= offset <= MIB + MIB // 2
+        # The old request was answered with the offset it reached, no more.
+        old = await asyncio.to_thread(stalled.read_response)
+        assert old.status == 204
+        assert (old.headers["upload-offset"], old.headers["upload-complete"]) == (
+            str(offset), "?0")
+    finally:
+        stalled.close()
+    done = (await call(proxy.port, "PATCH", path, v(8, **{
+        "Upload-Complete": "?1", "Upload-Offset": str(offset),
+        "Content-Type": "application/partial-upload"}), data[offset:])).final
+    assert done.status == 200
+    assert await stored_object(store_harness, done.json()["name"]) == data
