@@ -17,12 +17,10 @@ Errors are RFC 9457 problem documents.
 
 from __future__ import annotations
 
-import http
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from aiohttp import hdrs, web
 
@@ -40,26 +38,23 @@ from app.core.protocol import (
     validate_name,
 )
 from app.engine.engine import ClientDigests, Outcome
-from app.errors import (
-    AuthUnavailable,
-    BadRequest,
-    DigestMismatch,
-    InvalidName,
-    OffsetMismatch,
-    TooLarge,
-    TotalMismatch,
-    UploadError,
-    UploadNotFound,
-)
+from app.errors import AuthUnavailable, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.http import edge, keys
 from app.http.body import send_interim
 from app.http.dialect import Route
+from app.http.dialects.ietf_problems import (
+    CompletedUpload,
+    FieldProblem,
+    LengthProblem,
+    ProvidedOffsetMismatch,
+    UnsupportedPatch,
+    problem_response,
+)
 from app.http.dialects.ours import object_json
 
 log = logging.getLogger(__name__)
 
 NAME = "ietf"
-PROBLEM_JSON = "application/problem+json"
 
 Handler = Callable[[web.Request, iv.InteropVersion], Awaitable[web.StreamResponse]]
 
@@ -92,77 +87,6 @@ class IetfDialect:
 
     def render_error(self, error: UploadError) -> web.StreamResponse:
         return problem_response(error, iv.CURRENT)
-
-
-# -- errors as problem documents ---------------------------------------------
-
-
-class UnsupportedPatch(BadRequest):
-    status = 415
-    code = "unsupported_media_type"
-
-    def headers(self) -> dict[str, str]:
-        return {"Accept-Patch": iv.PARTIAL_UPLOAD}
-
-
-class CompletedUpload(BadRequest):
-    code = "completed_upload"
-
-
-class ProvidedOffsetMismatch(OffsetMismatch):
-    """An append's ``Upload-Offset`` is not the upload's offset."""
-
-    def __init__(self, error: OffsetMismatch, provided: int) -> None:
-        super().__init__(error.message, offset=error.offset)
-        self.provided = provided
-
-
-class FieldProblem(BadRequest):
-    code = "invalid_field"
-
-
-class LengthProblem(BadRequest):
-    code = "inconsistent_length"
-
-
-def problem_response(
-    error: UploadError, version: iv.InteropVersion, limits: iv.UploadLimits | None = None
-) -> web.Response:
-    """``error`` as an RFC 9457 problem document, with the draft's types where
-    it defines one. ``Upload-Complete: ?0`` says the answer comes from the
-    upload resource, except for a whole-object digest mismatch, which ends the
-    upload: ``?1`` tells the client not to resume it."""
-    try:
-        phrase = http.HTTPStatus(error.status).phrase
-    except ValueError:
-        phrase = "Error"
-    doc: dict[str, Any] = {
-        "type": "about:blank", "title": phrase, "status": error.status,
-        "detail": error.message, "code": error.code,
-    }
-    headers = {k: v for k, v in error.headers().items() if k != "Range"}
-    if isinstance(error, OffsetMismatch):
-        doc["type"] = iv.MISMATCHING_OFFSET
-        doc["title"] = "offset from request does not match offset of resource"
-        doc["expected-offset"] = error.offset
-        if isinstance(error, ProvidedOffsetMismatch):
-            doc["provided-offset"] = error.provided
-        headers["Upload-Offset"] = str(error.offset)
-    elif isinstance(error, TotalMismatch | LengthProblem):
-        doc["type"] = iv.INCONSISTENT_LENGTH
-        doc["title"] = "inconsistent length values for upload"
-        offset = error.details.get("offset")
-        if isinstance(offset, int):
-            headers["Upload-Offset"] = str(offset)
-    elif isinstance(error, CompletedUpload):
-        doc["type"] = iv.COMPLETED_UPLOAD
-        doc["title"] = "upload is already completed"
-    if isinstance(error, TooLarge) and limits is not None and version.has_limits:
-        headers["Upload-Limit"] = limits.header(version)
-    headers.update(version.complete_headers(isinstance(error, DigestMismatch)))
-    response = web.json_response(doc, status=error.status, headers=headers,
-                                 content_type=PROBLEM_JSON)
-    return response
 
 
 def _versioned(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -268,8 +192,7 @@ def _media_type(value: str | None) -> str:
 
 
 def _completed_answer(
-    request: web.Request, version: iv.InteropVersion, info: UploadInfo,
-    extra: dict[str, str] | None = None,
+    version: iv.InteropVersion, info: UploadInfo, extra: dict[str, str] | None = None
 ) -> web.Response:
     done = info.completed
     assert done is not None
@@ -293,7 +216,7 @@ def _answer(
     info = outcome.info
     request[keys.REQUEST_NAME] = info.object_name
     if info.is_complete:
-        return _completed_answer(request, version, info, created)
+        return _completed_answer(version, info, created)
     if complete_requested and not outcome.interrupted:
         raise LengthProblem(
             f"the request said it completes the upload, but {info.offset} of "
@@ -397,7 +320,7 @@ async def append_upload(request: web.Request, version: iv.InteropVersion) -> web
     if found.is_complete and done is not None:
         if version.replays_completion and offset == done.size and content_length == 0:
             edge.note_state(request, outcome.info)
-            return _completed_answer(request, version, outcome.info)
+            return _completed_answer(version, outcome.info)
         raise CompletedUpload("the upload is already complete; nothing more can be appended")
     return _answer(request, version, outcome, complete_requested=complete)
 
