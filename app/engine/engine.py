@@ -353,11 +353,12 @@ class UploadEngine:
             log.info("upload %r: body interrupted after %d new bytes; offset now %d",
                      info.name, stored, info.offset)
             return Outcome(info, interrupted=True, stored=stored)
+        if length is not None and flow.seen < skip + length:
+            # The body ended (cleanly) before its declared range: keep what came,
+            # and settle no total on a body that did not reach its own end.
+            return Outcome(info, stored=stored)
         if settle_total_at_eof and info.total is None:
             info = await self._store.write(info, _empty(), total=info.offset)
-        if length is not None and flow.seen < skip + length:
-            # The body ended (cleanly) before its declared range: keep what came.
-            return Outcome(info, stored=stored)
         if rules.ready_to_finish(info):
             md5 = flow.md5.digest() if flow.md5 is not None and start == 0 else None
             info = await self._finish(info, md5, digests)
