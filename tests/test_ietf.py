@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
+import socket
 
 import pytest
 
 from app.http import keys
 from tests import test_http
-from tests.ietf_client import Connection, path_of, request, start_then_cut
+from tests.ietf_client import Connection, Exchange, path_of, request, start_then_cut
 from tests.test_http import crc_b64, stored_object
 
 proxies = test_http.proxies
@@ -329,3 +331,59 @@ async def test_new_request_ends_a_stalled_append(proxies, store_harness) -> None
         "Content-Type": "application/partial-upload"}), data[offset:])).final
     assert done.status == 200
     assert await stored_object(store_harness, done.json()["name"]) == data
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+@FS
+async def test_bodies_of_unknown_length(proxies, store_harness) -> None:
+    """No Content-Length (chunked): a creation with ``?0`` keeps what came, an
+    append with ``?1`` ends the upload where its body ends."""
+    proxy = await proxies.start()
+    data = os.urandom(700_000)
+
+    def exchange(method: str, path: str, headers: dict[str, str], body: bytes):
+        conn = Connection(proxy.port)
+        try:
+            conn.send_head(method, path, {**headers, "Transfer-Encoding": "chunked"})
+            conn.send(body)
+            return conn.read_final(Exchange())
+        finally:
+            conn.close()
+
+    created = await asyncio.to_thread(exchange, "POST", "/files/", v(8, **{
+        "Upload-Complete": "?0"}), chunked(data[:100_000], data[100_000:300_000]))
+    assert created.final.status == 201
+    assert created.final.headers["upload-offset"] == "300000"
+    path = path_of(created.final.headers["location"])
+    head = (await call(proxy.port, "HEAD", path, v(8))).final
+    assert "upload-length" not in head.headers  # nothing said it yet
+    done = await asyncio.to_thread(exchange, "PATCH", path, v(8, **{
+        "Upload-Complete": "?1", "Upload-Offset": "300000",
+        "Content-Type": "application/partial-upload"}), chunked(data[300_000:]))
+    assert done.final.status == 200
+    assert done.final.json()["size"] == len(data)
+    assert await stored_object(store_harness, done.final.json()["name"]) == data
+
+
+@FS
+async def test_http10_client_gets_no_interim_response(proxies, store_harness) -> None:
+    proxy = await proxies.start()
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"POST /files/ HTTP/1.0\r\nHost: x\r\nUpload-Draft-Interop-Version: 8"
+                         b"\r\nUpload-Complete: ?1\r\nContent-Length: 5\r\n\r\nhello")
+            sock.settimeout(10)
+            answer = b""
+            while data := sock.recv(65536):
+                answer += data
+            return answer
+
+    answer = await asyncio.to_thread(exchange)
+    assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer
+    assert b" 104 " not in answer
+    name = json.loads(answer.split(b"\r\n\r\n", 1)[1])["name"]
+    assert await stored_object(store_harness, name) == b"hello"
