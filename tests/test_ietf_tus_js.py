@@ -24,12 +24,13 @@ MIB = 1024 * 1024
 SCRIPT = r"""
 const tus = require('tus-js-client');
 const fs = require('fs');
-const [endpoint, file, protocol, chunkSize] = process.argv.slice(2);
+const [endpoint, file, protocol, chunkSize, withData] = process.argv.slice(2);
 const seen = [];
 const upload = new tus.Upload(fs.readFileSync(file), {
   endpoint, protocol,
   chunkSize: chunkSize === 'all' ? Infinity : Number(chunkSize),
   retryDelays: [0, 50, 200, 500, 1000],
+  uploadDataDuringCreation: withData === 'yes',
   headers: {'Content-Disposition': 'inline; filename="from-node.bin"'},
   onAfterResponse(req, res) {
     seen.push([req.getMethod(), res.getStatus(), res.getHeader('Upload-Offset') || null]);
@@ -46,11 +47,13 @@ upload.start();
 """
 
 
-def run_client(root: Path, endpoint: str, source: Path, protocol: str, chunk: str) -> dict:
+def run_client(root: Path, endpoint: str, source: Path, protocol: str, chunk: str,
+               with_data: bool) -> dict:
     script = root / "ietf_upload.js"
     script.write_text(SCRIPT)
     result = subprocess.run(
-        ["node", str(script), endpoint, str(source), protocol, chunk],
+        ["node", str(script), endpoint, str(source), protocol, chunk,
+         "yes" if with_data else "no"],
         cwd=root, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -58,16 +61,19 @@ def run_client(root: Path, endpoint: str, source: Path, protocol: str, chunk: st
 
 
 @pytest.mark.parametrize(
-    ("store_kind", "protocol", "interop", "chunk"),
+    ("store_kind", "protocol", "interop", "chunk", "with_data"),
     [
-        ("filesystem", "ietf-draft-03", 5, "all"),
-        ("filesystem", "ietf-draft-05", 6, "all"),
-        ("s3", "ietf-draft-05", 6, str(8 * MIB)),
-        ("s3", "ietf-draft-03", 5, str(8 * MIB)),
+        ("filesystem", "ietf-draft-03", 5, "all", False),
+        ("filesystem", "ietf-draft-05", 6, "all", False),
+        # The first chunk goes with the creation request (creation with content).
+        ("filesystem", "ietf-draft-05", 6, str(4 * MIB), True),
+        ("s3", "ietf-draft-05", 6, str(8 * MIB), False),
+        ("s3", "ietf-draft-03", 5, str(8 * MIB), False),
     ],
 )
 async def test_tus_js_client_ietf_mode_resumes_after_a_cut(
-    proxies, store_harness, tmp_path: Path, protocol: str, interop: int, chunk: str
+    proxies, store_harness, tmp_path: Path, protocol: str, interop: int, chunk: str,
+    with_data: bool,
 ) -> None:
     root = node_packages("tus-js-client@4")
     proxy = await proxies.start()
@@ -78,7 +84,7 @@ async def test_tus_js_client_ietf_mode_resumes_after_a_cut(
     cut_at = 9 * MIB + 17
     with CuttingRelay(proxy.port, cut_at) as relay:
         result = await asyncio.to_thread(
-            run_client, root, f"{relay.url}/files/", source, protocol, chunk
+            run_client, root, f"{relay.url}/files/", source, protocol, chunk, with_data
         )
         assert relay.cut.is_set()
     methods = [m for m, _, _ in result["seen"]]
@@ -92,5 +98,7 @@ async def test_tus_js_client_ietf_mode_resumes_after_a_cut(
     assert doc["crc32c"] == crc_b64(data)
     assert doc["name"] == "tus/from-node.bin"
     assert await stored_object(store_harness, doc["name"]) == data
+    if with_data:
+        assert result["seen"][0] == ["POST", 201, str(4 * MIB)]
     print(f"{protocol} (interop {interop}) on {store_harness.kind}: {size} bytes, cut at "
           f"{cut_at}, resumed at {resumed_at}, requests {methods}, bytes identical")

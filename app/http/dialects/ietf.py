@@ -247,9 +247,9 @@ async def create_upload(request: web.Request, version: iv.InteropVersion) -> web
     content_type = _representation_type(request)
     upload_id = secrets.token_urlsafe(24)  # 192 random bits: the URL is a capability
     session = id_session_name(NAME, upload_id)
-    grant = await edge.authorize(request, _proposed_name(request, upload_id), "create",
-                                 dialect=NAME)
-    target = _target(grant, _proposed_name(request, upload_id))
+    proposed = _proposed_name(request, upload_id)
+    grant = await edge.authorize(request, proposed, "create", dialect=NAME)
+    target = _target(grant, proposed)
     engine = edge.engine(request)
     info = await engine.initiate(session, total=total, content_type=content_type, metadata={},
                                  grant=grant, target=target)
