@@ -315,6 +315,10 @@ async def test_new_request_ends_a_stalled_append(proxies, store_harness) -> None
             "Upload-Complete": "?1", "Upload-Offset": str(MIB),
             "Content-Type": "application/partial-upload", "Content-Length": str(2 * MIB)}))
         stalled.send(data[MIB:MIB + MIB // 2])
+        writers = proxy.app[keys.WRITERS]
+        async with asyncio.timeout(10):  # the PATCH holds the upload: it is writing
+            while not writers.active:
+                await asyncio.sleep(0.02)
         async with asyncio.timeout(15):  # far below the 60 s read timeout
             head = (await call(proxy.port, "HEAD", path, v(8))).final
         offset = int(head.headers["upload-offset"])
