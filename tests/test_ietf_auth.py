@@ -4,6 +4,7 @@ by the webhook, owner binding across HEAD, PATCH and DELETE."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from tests import test_http, test_http_auth
-from tests.ietf_client import path_of
+from tests.ietf_client import Connection, Exchange, path_of
 from tests.test_http import crc_b64, stored_object
 from tests.test_http_auth import OWNERS, T1, T2, auth_config, callbacks_config, eventually
 from tests.test_ietf import call
@@ -99,10 +100,24 @@ async def test_webhook_names_the_object_and_callback_tells_it(proxies, main, sto
 
 
 @FS
-async def test_refused_creation_gets_no_104(proxies, main) -> None:
-    """The webhook answers before the 104: a refused client learns it at once."""
+async def test_refused_creation_gets_no_104_nor_100(proxies, main) -> None:
+    """The webhook answers before the 104: a client that waits for ``100
+    Continue`` learns it is refused without sending a byte of its body."""
     proxy = await proxies.start(auth=auth_config(main.auth_url))
-    exchange = await call(proxy.port, "POST", "/files/", v8(**{"Upload-Complete": "?1"}),
-                          b"abc")
-    assert exchange.interim == []
-    assert exchange.final.status == 401
+
+    def exchange() -> Exchange:
+        conn = Connection(proxy.port)
+        try:
+            conn.send_head("POST", "/files/", v8(**{
+                "Upload-Complete": "?1", "Content-Length": "5", "Expect": "100-continue"}))
+            return conn.read_final(Exchange())
+        finally:
+            conn.close()
+
+    refused = await asyncio.to_thread(exchange)
+    assert refused.interim == []
+    assert refused.final.status == 401
+    allowed = await call(proxy.port, "POST", "/files/", v8(**{
+        "Upload-Complete": "?1", "Expect": "100-continue", **T1}), b"hello")
+    assert [r.status for r in allowed.interim] == [104, 100]
+    assert allowed.final.status == 200
