@@ -391,3 +391,50 @@ async def test_http10_client_gets_no_interim_response(proxies, store_harness) ->
     assert b" 104 " not in answer
     name = json.loads(answer.split(b"\r\n\r\n", 1)[1])["name"]
     assert await stored_object(store_harness, name) == b"hello"
+
+
+@FS
+@pytest.mark.parametrize("number", [3, 4, 5, 6, 7, 8])
+async def test_every_interop_version_from_its_draft(proxies, store_harness, number: int) -> None:
+    """Each version's own field names, statuses and rules, in one short upload."""
+    proxy = await proxies.start()
+    early = number == 3
+
+    def state(complete: bool) -> dict[str, str]:
+        if early:
+            return {"Upload-Incomplete": "?0" if complete else "?1"}
+        return {"Upload-Complete": "?1" if complete else "?0"}
+
+    typed = {"Content-Type": "application/partial-upload"} if number >= 6 else {}
+    data = os.urandom(3000)
+    created = (await call(proxy.port, "POST", "/files/", v(number, **state(False)),
+                          data[:1000])).final
+    assert created.status == 201
+    assert created.headers["upload-offset"] == "1000"
+    assert ("upload-limit" in created.headers) is (number >= 6)
+    path = path_of(created.headers["location"])
+    head = (await call(proxy.port, "HEAD", path, v(number))).final
+    assert head.status == 204
+    field = "upload-incomplete" if early else "upload-complete"
+    assert head.headers[field] == ("?1" if early else "?0")
+    if number == 6:
+        assert "expires" in head.dictionary("upload-limit")
+    if number >= 7:
+        assert "max-age" in head.dictionary("upload-limit")
+    step = (await call(proxy.port, "PATCH", path, v(number, **state(False), **typed,
+                       **{"Upload-Offset": "1000"}), data[1000:2000])).final
+    assert step.status == (201 if number <= 6 else 204)
+    assert step.headers["upload-offset"] == "2000"
+    done = (await call(proxy.port, "PATCH", path, v(number, **state(True), **typed,
+                       **{"Upload-Offset": "2000"}), data[2000:])).final
+    assert done.status == 200
+    assert done.headers[field] == ("?0" if early else "?1")
+    assert await stored_object(store_harness, done.json()["name"]) == data
+    again = (await call(proxy.port, "PATCH", path, v(number, **state(True), **typed,
+                        **{"Upload-Offset": "3000"}))).final
+    if number in (3, 8):
+        assert again.status == 200
+        assert again.json() == done.json()
+    else:
+        assert again.status == 400
+        assert again.json()["type"] == PROBLEMS + "completed-upload"
