@@ -173,17 +173,19 @@ def check_length(declared: int | None, ranged: int) -> None:
 def plan_append(info: UploadInfo, request: AppendRequest, mode: Mode, limits: Limits) -> WritePlan:
     """Decide what to do with an append to the unfinished upload ``info``."""
     assert info.completed is None
-    check_stated_total(info, request.total)
-    total = info.total if request.total is None else request.total
-    end = None if request.length is None else request.start + request.length
-    if total is not None and end is not None and end > total:
-        raise BadRequest(f"the range reaches past the declared total of {total} bytes")
+    # First, in exact-offset dialects: lengths a request implies from its own
+    # offset (IETF ``Upload-Complete: ?1``) mean nothing when that offset is wrong.
     if mode is Mode.EXACT_OFFSET and request.start != info.offset:
         raise OffsetMismatch(
             f"this request starts at byte {request.start} but the upload is at byte "
             f"{info.offset}; resend from byte {info.offset}",
             offset=info.offset,
         )
+    check_stated_total(info, request.total)
+    total = info.total if request.total is None else request.total
+    end = None if request.length is None else request.start + request.length
+    if total is not None and end is not None and end > total:
+        raise BadRequest(f"the range reaches past the declared total of {total} bytes")
     if request.start > info.offset:
         raise OffsetMismatch(
             f"this chunk starts at byte {request.start} but only {info.offset} bytes are "

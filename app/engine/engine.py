@@ -176,6 +176,47 @@ class UploadEngine:
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(info, body, lease, plan, digests=digests, check=check)
 
+    async def append(
+        self,
+        name: str,
+        start: int,
+        body: Body,
+        *,
+        length: int | None,
+        total: int | None,
+        grant: Grant,
+        finish_at_eof: bool = False,
+        digests: ClientDigests | None = None,
+        mode: rules.Mode = rules.Mode.EXACT_OFFSET,
+        check: BodyCheck | None = None,
+    ) -> Outcome:
+        """Bytes from ``start`` of an existing session, ``length`` of them or,
+        when None (no Content-Length), until the body ends; the body may be
+        empty. ``finish_at_eof``: a body that ends cleanly is the object's end
+        (the IETF draft's ``Upload-Complete: ?1``), so its total is settled and
+        the upload finished. A completed upload is returned as it is."""
+        limits = self._limits(grant)
+        rules.check_declared_size(total, limits)
+        request = rules.AppendRequest(start=start, length=length, total=total)
+        async with self._writers.hold(name) as lease:
+            info = await self._current(name, grant)
+            if info.is_complete:
+                return Outcome(info)
+            plan = rules.plan_append(info, request, mode, limits)
+            return await self._stream(
+                info, body, lease, plan, digests=digests, check=check,
+                settle_total_at_eof=finish_at_eof,
+            )
+
+    async def lookup(self, name: str) -> UploadInfo:
+        """The live upload ``name``, before any grant is known: how a dialect
+        learns which object an id session finishes into, to ask the auth
+        webhook about that object. Owner binding is left to the request that
+        follows with its grant."""
+        info = await self._store.get(name)
+        rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=None)
+        return info
+
     async def put_whole(
         self,
         name: str,
@@ -344,11 +385,12 @@ class UploadEngine:
             log.info("upload %r: body interrupted after %d new bytes; offset now %d",
                      info.name, stored, info.offset)
             return Outcome(info, interrupted=True, stored=stored)
+        if length is not None and flow.seen < skip + length:
+            # The body ended (cleanly) before its declared range: keep what came,
+            # and settle no total on a body that did not reach its own end.
+            return Outcome(info, stored=stored)
         if settle_total_at_eof and info.total is None:
             info = await self._store.write(info, _empty(), total=info.offset)
-        if length is not None and flow.seen < skip + length:
-            # The body ended (cleanly) before its declared range: keep what came.
-            return Outcome(info, stored=stored)
         if rules.ready_to_finish(info):
             md5 = flow.md5.digest() if flow.md5 is not None and start == 0 else None
             info = await self._finish(info, md5, digests)

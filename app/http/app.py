@@ -27,6 +27,7 @@ from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized
 from app.http import keys, ops_views, static_views
 from app.http.cors_middleware import CORS_POLICY, add_cors_headers, cors_guard, policy_for
 from app.http.dialect import Dialect, mount
+from app.http.dialects.ietf import IetfDialect
 from app.http.dialects.ours import OurDialect
 from app.http.middleware import errors_and_access_log
 from app.ops.health import Readiness
@@ -39,8 +40,9 @@ StoreOpener = Callable[[StorageConfig], Awaitable[Store]]
 
 
 def dialects_for(config: Config) -> list[Dialect]:
-    """The wire dialects this configuration serves."""
-    return [OurDialect()]
+    """The wire dialects this configuration serves; on a shared path the
+    first whose route accepts a request gets it (IETF before tus)."""
+    return [OurDialect(), IetfDialect(config)]
 
 
 class MeasuredAuthorizer:
@@ -188,7 +190,8 @@ def completion_payload(info: UploadInfo) -> dict[str, object]:
     done = info.completed
     assert done is not None
     return {
-        "name": info.name,
+        # An id session's own name is internal; the application knows the object.
+        "name": info.object_name,
         "key": done.key,
         "bucket": done.bucket,
         "size": done.size,

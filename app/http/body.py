@@ -91,6 +91,24 @@ async def send_continue(request: web.Request) -> None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
+async def send_interim(
+    request: web.Request, status: int, reason: str, headers: dict[str, str]
+) -> bool:
+    """Write an informational (1xx) response, such as the resumable-upload
+    draft's ``104 Upload Resumption Supported``, on the raw transport before the
+    final one, as ``send_continue`` does for ``100 Continue``. HTTP/1.0 clients
+    get none (RFC 9110 section 15.2). Returns whether it was sent."""
+    if request.version < aiohttp.HttpVersion11:
+        return False
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name} has a line break")
+        lines.append(f"{name}: {value}")
+    await request.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    return True
+
+
 async def read_small_body(request: web.Request, limit: int, what: str) -> bytes:
     """A body that must be small (initiation metadata), read whole; a
     ``BadRequest`` past ``limit`` bytes."""

@@ -15,6 +15,7 @@ without ``accepts`` takes whatever the others left.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,6 +47,8 @@ class Route:
     accepts: Callable[[web.Request], bool] | None = None
 
 
+_VARIABLE = re.compile(r"\{[^}]*\}")
+
 #: The dialect that took the request, so errors are rendered in its shape.
 DIALECT = web.RequestKey("dialect", Dialect)
 
@@ -53,8 +56,17 @@ DIALECT = web.RequestKey("dialect", Dialect)
 def mount(app: web.Application, dialects: Sequence[Dialect]) -> None:
     """Register every dialect's routes, one aiohttp route per method and path."""
     shared: dict[tuple[str, str], list[tuple[Dialect, Route]]] = {}
+    shapes: dict[tuple[str, str], str] = {}
     for dialect in dialects:
         for route in dialect.routes():
+            # "/files/{id}" and "/files/{upload_id}" match the same requests, but
+            # aiohttp would send them all to whichever came first: refuse at start-up.
+            shape = (route.method, _VARIABLE.sub("{}", route.path))
+            if shapes.setdefault(shape, route.path) != route.path:
+                raise ValueError(
+                    f"{route.method} {route.path} ({dialect.name}) shadows "
+                    f"{shapes[shape]}: dialects sharing a path must spell it the same"
+                )
             shared.setdefault((route.method, route.path), []).append((dialect, route))
     for (method, path), candidates in shared.items():
         app.router.add_route(method, path, _dispatcher(candidates), expect_handler=expect_continue)
