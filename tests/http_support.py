@@ -113,3 +113,16 @@ async def wait_until_server_read_all(sock: socket.socket, timeout: float = 30) -
     async with asyncio.timeout(timeout):
         while unsent_bytes(sock) or unread_by_server(sock):
             await asyncio.sleep(0.02)
+
+
+def read_head(sock: socket.socket, timeout: float = 30) -> bytes:
+    """Read one response head (up to its blank line) off ``sock`` (blocking)."""
+    sock.settimeout(timeout)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        byte = sock.recv(1)
+        if not byte:
+            break
+        head += byte
+    sock.settimeout(None)
+    return head
