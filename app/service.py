@@ -6,6 +6,9 @@ stores; everything below it sees only the ``Store`` contract.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from aiohttp import web
 
 from app.auth.webhook import Authorizer
@@ -21,9 +24,10 @@ def create_app(
     store: Store | None = None,
     authorizer: Authorizer | None = None,
     readiness_ttl: float | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The service for ``config``; see ``app.http.app.build_app`` for the options."""
     return build_app(
         config, open_store=open_store, store=store, authorizer=authorizer,
-        readiness_ttl=readiness_ttl,
+        readiness_ttl=readiness_ttl, clock=clock,
     )

@@ -10,7 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,10 @@ import requests
 from google import resumable_media
 from google.resumable_media.requests import ResumableUpload
 
+from app.errors import UploadNotFound
+from app.http import keys
+from tests.http_support import Proxy
+from tests.relay import TcpRelay
 from tests.test_http import crc_b64, http, proxies, stored_object  # noqa: F401
 
 MIB = 1024 * 1024
@@ -31,11 +35,15 @@ class CuttingTransport(requests.Session):
         super().__init__()
         self.cut_on = cut_on
         self.chunk_puts = 0
+        #: Where the cut chunk started (the offset acknowledged before it).
+        self.cut_start = -1
 
     def request(self, method, url, data=None, headers=None, **kwargs):  # type: ignore[override]
         if method == "PUT" and data:
             self.chunk_puts += 1
             if self.chunk_puts == self.cut_on:
+                ranges = [v for k, v in (headers or {}).items() if k.lower() == "content-range"]
+                self.cut_start = int(ranges[0].split()[1].split("-")[0])
                 self._send_half(url, data, headers or {})
                 raise requests.ConnectionError("connection cut mid-body by the test")
         return super().request(method, url, data=data, headers=headers, **kwargs)
@@ -51,7 +59,10 @@ class CuttingTransport(requests.Session):
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data[: len(data) // 2])
 
 
-def gcs_upload(url: str, data: bytes, chunk_size: int, cut_on: int) -> tuple[dict, int]:
+def gcs_upload(url: str, data: bytes, chunk_size: int, cut_on: int,
+               settle: Callable[[int], None]) -> tuple[dict, int]:
+    """Upload ``data``; after the cut, ``settle(offset acknowledged before it)``
+    returns once the proxy has persisted what arrived and let the upload go."""
     transport = CuttingTransport(cut_on)
     upload = ResumableUpload(url, chunk_size, checksum="crc32c")
     upload._retry_strategy = resumable_media.RetryStrategy(max_retries=0)
@@ -63,7 +74,7 @@ def gcs_upload(url: str, data: bytes, chunk_size: int, cut_on: int) -> tuple[dic
         try:
             response = upload.transmit_next_chunk(transport)
         except requests.ConnectionError:
-            time.sleep(0.3)  # the proxy persists what arrived before the probe
+            settle(transport.cut_start)  # the proxy persists what arrived before the probe
             upload.recover(transport)
             recovered += 1
             continue
@@ -75,8 +86,15 @@ def gcs_upload(url: str, data: bytes, chunk_size: int, cut_on: int) -> tuple[dic
 async def test_google_resumable_media_with_recover(proxies, store_harness) -> None:  # noqa: F811
     proxy = await proxies.start()
     data = os.urandom(9 * MIB + 4321)
+    loop = asyncio.get_running_loop()
+
+    def settle(before: int) -> None:
+        asyncio.run_coroutine_threadsafe(
+            persisted_and_released(proxy, "gcs/file.bin", past=before), loop
+        ).result()
+
     doc, recovered = await asyncio.to_thread(
-        gcs_upload, f"{proxy.url}/upload/gcs/file.bin", data, 2 * MIB, 3
+        gcs_upload, f"{proxy.url}/upload/gcs/file.bin", data, 2 * MIB, 3, settle
     )
     assert recovered == 1
     assert doc["crc32c"] == crc_b64(data)
@@ -84,6 +102,23 @@ async def test_google_resumable_media_with_recover(proxies, store_harness) -> No
     assert doc["contentType"] == "application/x-test"
     assert doc["metadata"] == {"k": "v"}
     assert await stored_object(store_harness, "gcs/file.bin") == data
+
+
+async def persisted_and_released(proxy: Proxy, name: str, past: int,
+                                 timeout: float = 30) -> None:
+    """Until the proxy has stored more than ``past`` bytes of ``name`` and no
+    request of it holds the upload (the cut one has persisted and ended)."""
+    store, writers = proxy.app[keys.STORE], proxy.app[keys.WRITERS]
+
+    async def offset() -> int:
+        try:
+            return (await store.get(name)).offset
+        except UploadNotFound:
+            return 0
+
+    async with asyncio.timeout(timeout):
+        while writers.is_held(name) or await offset() <= past:
+            await asyncio.sleep(0.02)
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -98,14 +133,18 @@ async def test_curl_walk_cut_probe_resume(proxies, store_harness, tmp_path: Path
     data = os.urandom(12 * MIB)
     source.write_bytes(data)
     url = f"{proxy.url}/upload/walk/movie.bin"
-    slow = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--limit-rate", "2M", "-T", str(source), url,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
-    await asyncio.sleep(1.5)
-    slow.kill()  # like Ctrl-C
-    await slow.wait()
-    await asyncio.sleep(0.3)
+    # The first upload goes through a relay that passes 1 MiB and holds the rest,
+    # so curl is killed part-way through whatever the machine's speed.
+    with TcpRelay("127.0.0.1", proxy.port, hold_after=MIB) as relay:
+        slow = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--limit-rate", "2M", "-T", str(source),
+            f"{relay.url}/upload/walk/movie.bin",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await asyncio.to_thread(relay.held.wait, 60)
+        slow.kill()  # like Ctrl-C
+        await slow.wait()
+    await persisted_and_released(proxy, "walk/movie.bin", past=0)
     probe = await asyncio.to_thread(
         curl, "-i", "-X", "PUT", "-H", "Content-Range: bytes */*", url
     )

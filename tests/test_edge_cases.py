@@ -18,7 +18,7 @@ import yarl
 
 from app.http import keys
 from tests import test_http
-from tests.http_support import raw_request
+from tests.http_support import raw_request, read_head, wait_until_server_read_all
 from tests.test_http import crc_b64, probe, put_range, stored_object
 
 # The end-to-end fixtures of test_http (a proxy factory over store_harness, a client).
@@ -601,12 +601,17 @@ async def test_stalled_writer_on_another_process_cannot_undo_a_completion(
     data = os.urandom(3000)
     url = f"{fresh.url}/upload/two-procs.bin"
     assert (await put_range(http, url, data[:1000], 0, len(data))).status == 308
+    # "Expect: 100-continue": A answers "100 Continue" only once it has read the
+    # upload's state and starts on the body, which tells the test A is writing.
     head = ("PUT /upload/two-procs.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n"
-            f"Content-Range: bytes 1000-2999/{len(data)}")
+            f"Expect: 100-continue\r\nContent-Range: bytes 1000-2999/{len(data)}")
     sock = socket.create_connection(("127.0.0.1", stale.port))
     try:
-        sock.sendall(head.encode() + b"\r\n\r\n" + data[1000:1500])
-        await asyncio.sleep(0.3)  # proxy A has the 500 bytes, waiting for more
+        sock.sendall(head.encode() + b"\r\n\r\n")
+        interim = await asyncio.to_thread(read_head, sock)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        sock.sendall(data[1000:1500])
+        await wait_until_server_read_all(sock)  # proxy A has the 500 bytes, waiting for more
         resp = await probe(http, url)
         assert resp.status == 308
         offset = int(resp.headers["Range"].rsplit("-", 1)[1]) + 1
@@ -614,7 +619,11 @@ async def test_stalled_writer_on_another_process_cannot_undo_a_completion(
         assert resp.status == 200
         done = await resp.json()
         assert done["crc32c"] == crc_b64(data)
-        await asyncio.sleep(2.5)  # proxy A's read timeout: it persists what it had
+        # Proxy A's read timeout, with the connection still open: it persists
+        # what it had and lets the upload go.
+        async with asyncio.timeout(30):
+            while stale.app[keys.WRITERS].is_held("two-procs.bin"):
+                await asyncio.sleep(0.02)
     finally:
         sock.close()
     async with asyncio.timeout(10):

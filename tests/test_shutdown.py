@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port
+from tests.http_support import unread_by_server, unsent_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -85,23 +86,14 @@ def server(tmp_path: Path) -> Iterator[Server]:
     proc.kill()
 
 
-def data_file_size(root: Path) -> int:
-    files = list((root / ".uploads" / "data").iterdir())
-    return files[0].stat().st_size if files else 0
-
-
-def wait_until_drained(root: Path, timeout: float = 30.0) -> None:
-    """Until the server has written all it was sent (the file stops growing),
-    so what the kernel still buffers does not blur the comparison."""
+def wait_until_drained(sock: socket.socket, timeout: float = 120.0) -> None:
+    """Until the server process has read all it was sent on ``sock`` (nothing
+    left unacknowledged here or unread in its socket), so what the kernel still
+    buffers does not blur the comparison."""
     deadline = time.monotonic() + timeout
-    last, steady_since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        size = data_file_size(root)
-        if size != last:
-            last, steady_since = size, time.monotonic()
-        elif time.monotonic() - steady_since > 1.0:
-            return
-        time.sleep(0.1)
+    while unsent_bytes(sock) or unread_by_server(sock):
+        assert time.monotonic() < deadline, "the server did not read what it was sent"
+        time.sleep(0.05)
 
 
 def read_response(sock: socket.socket, timeout: float) -> bytes:
@@ -140,7 +132,7 @@ def test_sigterm_mid_upload_keeps_what_arrived(server: Server) -> None:
         sock.sendall(data[:sent])
         # The client stalls here with the connection open, as a phone that
         # lost its network would.
-        wait_until_drained(server.root)
+        wait_until_drained(sock)
         code, took = server.stop(signal.SIGTERM)
         answer = read_response(sock, timeout=5)
     finally:

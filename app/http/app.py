@@ -88,8 +88,10 @@ def build_app(
     store: Store | None = None,
     authorizer: Authorizer | None = None,
     readiness_ttl: float | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    """Build the app. ``store`` and ``authorizer`` may be injected (tests, embedding);
+    """Build the app. ``clock`` is the engine's wall clock (upload expiry);
+    ``store`` and ``authorizer`` may be injected (tests, embedding);
     an injected store is left open for its owner to close, otherwise
     ``open_store`` opens one at start-up. ``readiness_ttl`` overrides how long a
     ``/readyz`` answer is reused (0: check every time)."""
@@ -144,6 +146,7 @@ def build_app(
                     active_store, config.storage, writers,
                     on_start=lambda info: metrics.uploads_started.inc(),
                     on_complete=on_complete,
+                    clock=clock,
                 )
                 redelivery = (
                     asyncio.create_task(_redeliver(notifier)) if notifier.enabled else None

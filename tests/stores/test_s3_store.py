@@ -263,13 +263,17 @@ async def test_conditional_record_write_refuses_a_second_instance(open_s3, s3_cl
     data = payload(3 * MIB)
     info = await create(a, "race.bin", None)
     a_done = asyncio.Event()
+    b_streaming = asyncio.Event()
 
     async def slow_body() -> AsyncIterator[bytes]:
         yield data[:MIB]
+        # B read the record before it took the first chunk and now asks for more.
+        b_streaming.set()
         await a_done.wait()  # A advances the upload while B is mid-request
 
     b_write = asyncio.create_task(b.write(info, slow_body()))
-    await asyncio.sleep(0.3)  # B has read the record and is streaming
+    async with asyncio.timeout(30):
+        await b_streaming.wait()
     a_info = await a.write(info, stream(data[: 2 * MIB]))
     a_done.set()
     with pytest.raises(OffsetMismatch) as caught:
@@ -334,6 +338,12 @@ async def test_s3_cut_mid_write_keeps_a_durable_prefix(open_s3, s3_client, bucke
     data = payload(5 * P + 123, seed=3)
     info = await create(cut, "cut.bin", len(data))
     info = await cut.write(info, stream(data[: MIB]))  # a staged tail before the cut
+    observer = await open_s3()
+
+    async def recorded_at_least(offset: int) -> None:
+        async with asyncio.timeout(60):
+            while (await observer.get("cut.bin")).offset < offset:
+                await asyncio.sleep(0.02)
 
     async def body() -> AsyncIterator[bytes]:
         sent = MIB
@@ -341,7 +351,7 @@ async def test_s3_cut_mid_write_keeps_a_durable_prefix(open_s3, s3_client, bucke
             yield data[sent : sent + MIB]
             sent += MIB
             if sent == 3 * P:
-                await asyncio.sleep(1.0)  # let the first parts land
+                await recorded_at_least(P)  # the first parts have landed
                 await asyncio.to_thread(relay.stop)
 
     with pytest.raises(StorageUnavailable):
