@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import hdrs, web
@@ -58,22 +59,31 @@ def object_key(request: web.Request, name: str) -> str:
 
 
 async def authorize(
-    request: web.Request, name: str, action: Action, *, dialect: str
+    request: web.Request,
+    name: str,
+    action: Action,
+    *,
+    dialect: str,
+    extra: Mapping[str, str] | None = None,
+    stored_as: str | None = None,
 ) -> Grant:
-    """Ask the authorizer before any body byte is read."""
+    """Ask the authorizer before any body byte is read. ``extra``: dialect
+    facts for the webhook (a GCS bucket); ``stored_as``: the object's name in
+    the store when it differs from ``name`` (a bucket's key prefix added)."""
     request[keys.REQUEST_ACTION] = action
     request[keys.REQUEST_DIALECT] = dialect
     request[keys.REQUEST_NAME] = name
     auth_request = AuthRequest(
         action=action,
         name=name,
-        key=object_key(request, name),
+        key=object_key(request, name if stored_as is None else stored_as),
         content_length=request.content_length,
         content_range=request.headers.get(hdrs.CONTENT_RANGE),
         content_type=request.headers.get(hdrs.CONTENT_TYPE),
         remote_addr=request.remote,
         headers=request.headers,
         dialect=dialect,
+        extra=dict(extra or {}),
     )
     return await request.app[keys.AUTHORIZER].authorize(auth_request)
 
