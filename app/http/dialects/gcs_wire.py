@@ -150,9 +150,13 @@ def parse_multipart_head(buf: bytes, boundary: str) -> MultipartHead | None:
 
     Lines may end in CRLF or a bare LF (gcsfs writes bare LF)."""
     dash = b"--" + boundary.encode("latin-1")
-    start = buf.find(dash)
-    if start < 0 or (start > 0 and buf[start - 1 : start] != b"\n"):
-        return None if len(buf) < len(dash) + 2 else _malformed("no opening boundary")
+    if buf.startswith(dash):
+        start = 0
+    else:
+        # A preamble may come first; the caller bounds how long it may be.
+        start = buf.find(b"\n" + dash) + 1
+        if start == 0:
+            return None
     pos = _after_line(buf, start + len(dash))
     if pos is None:
         return None
