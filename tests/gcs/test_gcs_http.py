@@ -260,3 +260,20 @@ async def test_the_webhook_is_asked_with_the_object_name_and_owners_are_bound(
     async with http.post(f"{proxy.url}{UPLOAD}?uploadType=media&name=o/y.bin", data=b"z",
                          headers={"X-User": "nobody"}) as resp:
         assert resp.status == 403
+
+
+async def test_no_dialect_shows_the_filesystem_root(
+    gcs_proxies, store_harness, http  # noqa: F811
+) -> None:
+    proxy = await start_gcs(gcs_proxies)
+    async with http.put(f"{proxy.url}/upload/ours/a.txt", data=b"abc") as resp:
+        doc = await resp.json()
+    async with http.post(f"{proxy.url}{UPLOAD}?uploadType=media&name=b.txt", data=b"abc") as resp:
+        gcs_doc = await resp.json()
+    if store_harness.kind == "filesystem":
+        assert "bucket" not in doc
+    else:
+        assert doc["bucket"] == store_harness.storage.s3.bucket
+    assert gcs_doc["bucket"] == BUCKET
+    root = str(store_harness.storage.filesystem.root)
+    assert root not in json.dumps(doc) and root not in json.dumps(gcs_doc)

@@ -17,7 +17,7 @@ from app.core.model import UploadInfo
 from app.core.protocol import Chunk, Probe, format_range, parse_content_range, parse_length
 from app.engine.engine import Outcome
 from app.errors import BadRequest, UploadError
-from app.http import edge
+from app.http import edge, keys
 from app.http.body import read_small_body
 from app.http.dialect import Route
 
@@ -50,12 +50,15 @@ def _name(request: web.Request) -> str:
     return edge.decode_name(request.rel_url.raw_path.removeprefix(UPLOAD_PREFIX))
 
 
-def object_json(info: UploadInfo) -> dict[str, Any]:
+def object_json(info: UploadInfo, *, bucket_is_public: bool) -> dict[str, Any]:
+    """The completed object. ``bucket`` only when it is an S3 bucket's name:
+    the filesystem store's is its root directory, no business of clients."""
     done = info.completed
     assert done is not None
-    body: dict[str, Any] = {
-        "name": info.name,
-        "bucket": done.bucket,
+    body: dict[str, Any] = {"name": info.name}
+    if bucket_is_public:
+        body["bucket"] = done.bucket
+    body |= {
         "key": done.key,
         "size": done.size,
         "contentType": info.content_type,
@@ -73,7 +76,8 @@ def _respond(request: web.Request, outcome: Outcome) -> web.Response:
     edge.note_outcome(request, outcome)
     info = outcome.info
     if info.is_complete:
-        return web.json_response(object_json(info), status=200)
+        public = request.app[keys.CONFIG].storage.backend == "s3"
+        return web.json_response(object_json(info, bucket_is_public=public), status=200)
     headers = {}
     rng = format_range(info.offset)
     if rng is not None:
