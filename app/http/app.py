@@ -177,7 +177,8 @@ def completion_payload(info: UploadInfo) -> dict[str, object]:
     done = info.completed
     assert done is not None
     return {
-        "name": info.name,
+        # The object, never an id session's internal name (it holds the upload id).
+        "name": info.object_name,
         "key": done.key,
         "bucket": done.bucket,
         "size": done.size,
