@@ -37,20 +37,18 @@ from app.core.protocol import (
     parse_length,
     validate_name,
 )
-from app.engine.engine import BodyInterrupted, ClientDigests, Md5Source, Outcome
+from app.engine.engine import ClientDigests, Md5Source, Outcome
 from app.errors import BadRequest, InvalidName, UploadError, UploadNotFound
 from app.http import edge, keys
-from app.http.body import RequestBody, read_small_body
+from app.http.body import read_small_body
 from app.http.dialect import Route
 from app.http.dialects import gcs_render
 from app.http.dialects.gcs_md5 import FollowedRequest, Md5Follower
+from app.http.dialects.gcs_multipart import MultipartMedia, read_multipart_head
 from app.http.dialects.gcs_wire import (
-    MediaSplitter,
-    MultipartHead,
     ObjectRequest,
     OpenChunk,
     multipart_boundary,
-    parse_multipart_head,
     parse_object_json,
     parse_session_range,
 )
@@ -199,7 +197,7 @@ class GcsDialect:
         bucket, prefix = self._bucket(request)
         boundary = multipart_boundary(request.headers.get(hdrs.CONTENT_TYPE))
         body = edge.body_of(request)
-        head, rest = await _read_multipart_head(body, boundary)
+        head, rest = await read_multipart_head(body, boundary, MAX_METADATA_BYTES)
         name = self._object_name(request, head.metadata)
         await self._check_preconditions(request, prefix + name)
         grant = await self._authorize(request, bucket, prefix, name, "create")
@@ -369,54 +367,6 @@ class GcsDialect:
 
     def _follow(self, session: str) -> FollowedRequest | None:
         return None if self._md5 is None else self._md5.request(session)
-
-
-class MultipartMedia:
-    """The media part of a ``multipart/related`` body, as an engine Body: it
-    ends at the closing boundary; a body that stops before it is interrupted."""
-
-    def __init__(self, inner: RequestBody, boundary: str, leftover: bytes) -> None:
-        self._inner = inner
-        self.splitter = MediaSplitter(boundary)
-        self._leftover: bytes | None = leftover
-        #: The request body ended without the closing boundary.
-        self.unclosed = False
-
-    async def read(self) -> bytes:
-        while not self.splitter.finished:
-            if self._leftover is not None:
-                data, self._leftover = self._leftover, None
-            else:
-                data = await self._inner.read()
-                if not data:
-                    self.unclosed = True
-                    raise BodyInterrupted("the multipart body ended before its closing boundary")
-            media = self.splitter.feed(data)
-            if media:
-                return media
-        return b""
-
-    def abort(self) -> None:
-        self._inner.abort()
-
-
-async def _read_multipart_head(body: RequestBody, boundary: str) -> tuple[MultipartHead, bytes]:
-    buf = b""
-    while True:
-        head = parse_multipart_head(buf, boundary)
-        if head is not None:
-            return head, buf[head.consumed :]
-        if len(buf) > MAX_METADATA_BYTES:
-            raise BadRequest(
-                f"the multipart metadata part is larger than {MAX_METADATA_BYTES} bytes"
-            )
-        try:
-            data = await body.read()
-        except BodyInterrupted:
-            raise BadRequest("the multipart body ended inside its metadata part") from None
-        if not data:
-            raise BadRequest("the multipart body ended inside its metadata part")
-        buf += data
 
 
 def _new_session() -> tuple[str, str]:
