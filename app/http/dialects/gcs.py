@@ -189,6 +189,9 @@ class GcsDialect:
                     session, 0, edge.body_of(request), total=None, grant=grant,
                     digests=digests, md5_source=_source(followed),
                 )
+        except UploadError:
+            await _discard(request, session, grant)
+            raise
         finally:
             _settle(followed, outcome)
         return await self._single_request_answer(request, session, outcome, bucket, prefix)
@@ -219,12 +222,14 @@ class GcsDialect:
                 session, 0, media, total=None, grant=grant, digests=digests,
                 md5_source=_source(followed),
             )
+        except UploadError:
+            await _discard(request, session, grant)
+            raise
         finally:
             _settle(followed, outcome)
         if media.unclosed:
             await _discard(request, session, grant)
             raise BadRequest("the multipart body ended before its closing boundary")
-        media.splitter.check_closed()
         return await self._single_request_answer(request, session, outcome, bucket, prefix)
 
     async def _single_request_answer(

@@ -31,9 +31,21 @@ class MultipartMedia:
                     self.unclosed = True
                     raise BodyInterrupted("the multipart body ended before its closing boundary")
             media = self.splitter.feed(data)
+            if self.splitter.finished:
+                await self._check_trailer()
             if media:
                 return media
         return b""
+
+    async def _check_trailer(self) -> None:
+        # Before the engine sees the end: a third part must fail the upload,
+        # not complete it with the second.
+        while len(self.splitter.trailer) < 2:
+            data = await self._inner.read()
+            if not data:
+                break
+            self.splitter.feed(data)
+        self.splitter.check_closed()
 
     def abort(self) -> None:
         self._inner.abort()
