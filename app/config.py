@@ -177,6 +177,11 @@ class GcsConfig:
     #: Bucket names clients use -> key prefix in the store ("" for the top).
     #: A bucket not listed answers 404: nothing is guessed.
     buckets: Mapping[str, str] = field(default_factory=dict)
+    #: Follow an MD5 through chunked sessions so their object resource has
+    #: ``md5Hash`` (Google's clients check it when asked; ~1.5 CPU-s/GiB).
+    #: Followed within one process: a session continued by another process
+    #: or after a restart completes without ``md5Hash``.
+    md5: bool = True
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,21 @@ class Outcome:
 CompletionHook = Callable[[UploadInfo], Awaitable[None]]
 
 
+class Md5State(Protocol):
+    """A running MD5 (``hashlib.md5()`` or a caller's wrapper of one)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+#: Given the offset a write starts at, a running MD5 of the upload's bytes
+#: ``[0, offset)`` if the caller followed them across earlier requests (None:
+#: unknown). The engine feeds it exactly the bytes it hands the store, so a
+#: chunked upload can record and check an MD5, which hashlib cannot persist.
+Md5Source = Callable[[int], Md5State | None]
+
+
 @dataclass
 class _Flow:
     """What happened to one body while it streamed into the store."""
@@ -95,7 +110,7 @@ class _Flow:
     interrupted: bool = False
     overflow: bool = False
     seen: int = 0
-    md5: hashlib._Hash | None = None
+    md5: Md5State | None = None
 
 
 class UploadEngine:
@@ -148,6 +163,7 @@ class UploadEngine:
         mode: rules.Mode = rules.Mode.SKIP_OVERLAP,
         check: BodyCheck | None = None,
         creates: bool = True,
+        md5_source: Md5Source | None = None,
     ) -> Outcome:
         """Bytes ``chunk.start..chunk.end`` of the object (a ``Content-Range`` request).
         With ``check``, the body is held until its digest matched, and a body
@@ -174,7 +190,48 @@ class UploadEngine:
                 self._check_completed(info, digests)
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
-            return await self._stream(info, body, lease, plan, digests=digests, check=check)
+            return await self._stream(
+                info, body, lease, plan, digests=digests, check=check, md5_source=md5_source
+            )
+
+    async def put_stream(
+        self,
+        name: str,
+        start: int,
+        body: Body,
+        *,
+        total: int | None,
+        grant: Grant,
+        digests: ClientDigests | None = None,
+        md5_source: Md5Source | None = None,
+    ) -> Outcome:
+        """Bytes from ``start`` until the body ends, its length unknown up front
+        (Google's ``bytes a-*/T`` and ``bytes a-*/*``). Bytes already stored
+        are skipped. With ``total`` unknown, a body that ends cleanly ends the
+        object there; a body that stops early keeps what arrived and leaves
+        the total open. The session must exist (it is never created here)."""
+        limits = self._limits(grant)
+        rules.check_declared_size(total, limits)
+        request = rules.AppendRequest(start=start, length=None, total=total)
+        async with self._writers.hold(name) as lease:
+            info = await self._current(name, grant)
+            if info.is_complete:
+                rules.check_stated_total(info, total)
+                return Outcome(info)
+            plan = rules.plan_append(info, request, rules.Mode.SKIP_OVERLAP, limits)
+            return await self._stream(
+                info, body, lease, plan, digests=digests,
+                settle_total_at_eof=total is None and info.total is None,
+                md5_source=md5_source,
+            )
+
+    async def peek(self, name: str) -> UploadInfo:
+        """The live session's state without changing it or checking its owner
+        (the owner is checked by the request that follows): lets a dialect
+        learn an id session's object name to ask the authorizer about."""
+        info = await self._store.get(name)
+        rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=None)
+        return info
 
     async def append(
         self,
@@ -345,13 +402,17 @@ class UploadEngine:
         digests: ClientDigests | None,
         settle_total_at_eof: bool = False,
         check: BodyCheck | None = None,
+        md5_source: Md5Source | None = None,
     ) -> Outcome:
         """Feed ``body`` to the store as ``plan`` says."""
         skip, length, limit = plan.skip, plan.length, plan.limit
         lease.on_stop(body.abort)
         # MD5 state cannot be saved, so it is only worth computing from byte 0.
         wants_md5 = self._config.md5 or (digests is not None and digests.md5 is not None)
-        flow = _Flow(md5=hashlib.md5() if wants_md5 and info.offset == 0 else None)
+        md5 = md5_source(info.offset) if md5_source is not None else None
+        if md5 is None and wants_md5 and info.offset == 0:
+            md5 = hashlib.md5()
+        flow = _Flow(md5=md5)
         start = info.offset
         async with asyncio.timeout(None) as deadline:
             chunks = self._chunks(
@@ -392,8 +453,9 @@ class UploadEngine:
         if settle_total_at_eof and info.total is None:
             info = await self._store.write(info, _empty(), total=info.offset)
         if rules.ready_to_finish(info):
-            md5 = flow.md5.digest() if flow.md5 is not None and start == 0 else None
-            info = await self._finish(info, md5, digests)
+            followed = start == 0 or md5_source is not None
+            digest = flow.md5.digest() if flow.md5 is not None and followed else None
+            info = await self._finish(info, digest, digests)
         return Outcome(info, stored=stored)
 
     async def _chunks(

@@ -27,6 +27,7 @@ from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized
 from app.http import keys, ops_views, static_views
 from app.http.cors_middleware import CORS_POLICY, add_cors_headers, cors_guard, policy_for
 from app.http.dialect import Dialect, mount
+from app.http.dialects.gcs import GcsDialect
 from app.http.dialects.ietf import IetfDialect
 from app.http.dialects.ours import OurDialect
 from app.http.middleware import errors_and_access_log
@@ -40,9 +41,10 @@ StoreOpener = Callable[[StorageConfig], Awaitable[Store]]
 
 
 def dialects_for(config: Config) -> list[Dialect]:
-    """The wire dialects this configuration serves; on a shared path the
-    first whose route accepts a request gets it (IETF before tus)."""
-    return [OurDialect(), IetfDialect(config)]
+    """The wire dialects this configuration serves. Google's paths come before
+    ours, which would otherwise take every ``/upload/...``; on a shared path
+    the first whose route accepts a request gets it (IETF before tus)."""
+    return [GcsDialect(config.gcs), OurDialect(), IetfDialect(config)]
 
 
 class MeasuredAuthorizer:
@@ -193,7 +195,7 @@ def completion_payload(info: UploadInfo) -> dict[str, object]:
     done = info.completed
     assert done is not None
     return {
-        # An id session's own name is internal; the application knows the object.
+        # The object, never an id session's internal name (it holds the upload id).
         "name": info.object_name,
         "key": done.key,
         "bucket": done.bucket,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import hdrs, web
 
 from app.auth.webhook import Action, AuthRequest
-from app.core.digests import parse_goog_hash
+from app.core.digests import crc32c_b64, md5_b64, parse_goog_hash
 from app.core.grant import Grant
 from app.core.model import UploadInfo
 from app.core.protocol import validate_name
@@ -58,22 +60,31 @@ def object_key(request: web.Request, name: str) -> str:
 
 
 async def authorize(
-    request: web.Request, name: str, action: Action, *, dialect: str
+    request: web.Request,
+    name: str,
+    action: Action,
+    *,
+    dialect: str,
+    extra: Mapping[str, str] | None = None,
+    stored_as: str | None = None,
 ) -> Grant:
-    """Ask the authorizer before any body byte is read."""
+    """Ask the authorizer before any body byte is read. ``extra``: dialect
+    facts for the webhook (a GCS bucket); ``stored_as``: the object's name in
+    the store when it differs from ``name`` (a bucket's key prefix added)."""
     request[keys.REQUEST_ACTION] = action
     request[keys.REQUEST_DIALECT] = dialect
     request[keys.REQUEST_NAME] = name
     auth_request = AuthRequest(
         action=action,
         name=name,
-        key=object_key(request, name),
+        key=object_key(request, name if stored_as is None else stored_as),
         content_length=request.content_length,
         content_range=request.headers.get(hdrs.CONTENT_RANGE),
         content_type=request.headers.get(hdrs.CONTENT_TYPE),
         remote_addr=request.remote,
         headers=request.headers,
         dialect=dialect,
+        extra=dict(extra or {}),
     )
     return await request.app[keys.AUTHORIZER].authorize(auth_request)
 
@@ -102,3 +113,26 @@ def note_outcome(request: web.Request, outcome: Outcome) -> None:
 
 def note_state(request: web.Request, info: UploadInfo) -> None:
     request[keys.REQUEST_OFFSET] = info.offset
+
+
+def object_json(request: web.Request, info: UploadInfo) -> dict[str, Any]:
+    """The completed object in our JSON shape (our dialect, the IETF draft's
+    completing answer). ``bucket`` only when it is an S3 bucket's name: the
+    filesystem store's is its root directory, no business of clients."""
+    done = info.completed
+    assert done is not None
+    body: dict[str, Any] = {"name": info.object_name}
+    if request.app[keys.CONFIG].storage.backend == "s3":
+        body["bucket"] = done.bucket
+    body |= {
+        "key": done.key,
+        "size": done.size,
+        "contentType": info.content_type,
+        "etag": done.etag,
+        "crc32c": crc32c_b64(done.crc32c),
+    }
+    if done.md5 is not None:
+        body["md5Hash"] = md5_b64(done.md5)
+    if info.metadata:
+        body["metadata"] = dict(info.metadata)
+    return body

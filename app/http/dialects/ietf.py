@@ -50,7 +50,6 @@ from app.http.dialects.ietf_problems import (
     UnsupportedPatch,
     problem_response,
 )
-from app.http.dialects.ours import object_json
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +191,8 @@ def _media_type(value: str | None) -> str:
 
 
 def _completed_answer(
-    version: iv.InteropVersion, info: UploadInfo, extra: dict[str, str] | None = None
+    request: web.Request, version: iv.InteropVersion, info: UploadInfo,
+    extra: dict[str, str] | None = None,
 ) -> web.Response:
     done = info.completed
     assert done is not None
@@ -202,7 +202,7 @@ def _completed_answer(
         **version.complete_headers(True),
         **(extra or {}),
     }
-    doc = {**object_json(info), "name": info.object_name}
+    doc = edge.object_json(request, info)
     return web.json_response(doc, status=200, headers=headers)
 
 
@@ -216,7 +216,7 @@ def _answer(
     info = outcome.info
     request[keys.REQUEST_NAME] = info.object_name
     if info.is_complete:
-        return _completed_answer(version, info, created)
+        return _completed_answer(request, version, info, created)
     if complete_requested and not outcome.interrupted:
         raise LengthProblem(
             f"the request said it completes the upload, but {info.offset} of "
@@ -320,7 +320,7 @@ async def append_upload(request: web.Request, version: iv.InteropVersion) -> web
     if found.is_complete and done is not None:
         if version.replays_completion and offset == done.size and content_length == 0:
             edge.note_state(request, outcome.info)
-            return _completed_answer(version, outcome.info)
+            return _completed_answer(request, version, outcome.info)
         raise CompletedUpload("the upload is already complete; nothing more can be appended")
     return _answer(request, version, outcome, complete_requested=complete)
 

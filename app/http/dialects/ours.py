@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from aiohttp import hdrs, web
 
-from app.core.digests import crc32c_b64, md5_b64
-from app.core.model import UploadInfo
 from app.core.protocol import Chunk, Probe, format_range, parse_content_range, parse_length
 from app.engine.engine import Outcome
 from app.errors import BadRequest, UploadError
@@ -53,30 +50,11 @@ def _name(request: web.Request) -> str:
     return edge.decode_name(request.rel_url.raw_path.removeprefix(UPLOAD_PREFIX))
 
 
-def object_json(info: UploadInfo) -> dict[str, Any]:
-    done = info.completed
-    assert done is not None
-    body: dict[str, Any] = {
-        "name": info.name,
-        "bucket": done.bucket,
-        "key": done.key,
-        "size": done.size,
-        "contentType": info.content_type,
-        "etag": done.etag,
-        "crc32c": crc32c_b64(done.crc32c),
-    }
-    if done.md5 is not None:
-        body["md5Hash"] = md5_b64(done.md5)
-    if info.metadata:
-        body["metadata"] = dict(info.metadata)
-    return body
-
-
 def _respond(request: web.Request, outcome: Outcome) -> web.Response:
     edge.note_outcome(request, outcome)
     info = outcome.info
     if info.is_complete:
-        return web.json_response(object_json(info), status=200)
+        return web.json_response(edge.object_json(request, info), status=200)
     headers = {}
     rng = format_range(info.offset)
     if rng is not None:
