@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from app.errors import BadRequest, StorageUnavailable, UploadNotFound
+from app.errors import BadRequest, StorageUnavailable, UploadError, UploadNotFound
 from app.stores.base import CompletedObject
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES, S3Refusal
@@ -80,7 +80,7 @@ class Completion:
         try:
             await self._client.abort_upload(self._layout.object_key(record.object_name),
                                             record.upload_id)
-        except StorageUnavailable:
+        except UploadError:
             pass  # logged by the client; an unaborted MPU only costs storage until swept
 
     def _completed(self, record: Record, etag: str, size: int) -> CompletedObject:

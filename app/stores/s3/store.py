@@ -51,7 +51,7 @@ from typing import Any
 from app.config import StorageConfig
 from app.core import rules
 from app.core.model import PendingCallback, UploadInfo, oldest_first
-from app.errors import BadRequest, OffsetMismatch, UploadError, UploadNotFound
+from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
 from app.stores.s3.completion import Completion, object_metadata
@@ -66,6 +66,8 @@ log = logging.getLogger("app.stores.s3")
 
 #: The staged-bytes cache holds this many (configured) parts' worth in total.
 _CACHE_PARTS = 4
+#: S3's longest object key, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
 
 
 class S3Store:
@@ -108,6 +110,23 @@ class S3Store:
     def client(self) -> S3Client:
         return self._client
 
+    @property
+    def max_name_bytes(self) -> int:
+        """Longest object name (UTF-8 bytes) this store can keep: S3's 1,024-byte
+        keys less the configured prefix."""
+        return MAX_KEY_BYTES - len(self._layout.prefix.encode("utf-8"))
+
+    def _check_name_fits(self, name: str) -> None:
+        # Checked before anything is created: S3 would refuse the key with
+        # KeyTooLongError only at CreateMultipartUpload, after the name passed
+        # the protocol's own 1,024-byte limit.
+        if len(name.encode("utf-8", "surrogatepass")) > self.max_name_bytes:
+            raise InvalidName(
+                f"the upload name is longer than {self.max_name_bytes} UTF-8 bytes, the most "
+                f"S3's 1024-byte keys leave after this service's key prefix "
+                f"({self._layout.prefix!r})"
+            )
+
     # -- observation ----------------------------------------------------------
 
     def observe_calls(self, observer: CallObserver) -> None:
@@ -143,6 +162,7 @@ class S3Store:
         owner: str | None,
         target: str | None = None,
     ) -> UploadInfo:
+        self._check_name_fits(name if target is None else target)
         part_size = rules.part_size_for_new(total, self._config.part_size)
         session_id = uuid.uuid4().hex
         params: dict[str, Any] = {
