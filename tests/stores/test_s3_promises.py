@@ -4,11 +4,16 @@ Each test here failed on the code before its fix."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import google_crc32c
 import pytest
 
 from app.config import replace as config_replace
@@ -20,10 +25,12 @@ from app.errors import (
     TooLarge,
     UploadError,
 )
+from app.ops.cleanup import run_cleanup
 from app.stores.s3.store import S3Store
 from tests.s3_gate import S3Gate, Seen
 from tests.stores.fixtures import storage_config
 from tests.stores.s3_support import AppProcess
+from tests.stores.test_s3_store import emulate_s3_upload_listing
 
 MIB = 1024 * 1024
 PREFIX = "uploads/"
@@ -140,3 +147,153 @@ async def test_s3_errors_are_classified_permanent_or_transient(gate, open_s3, co
     assert raised.value.status == status
     assert ("Retry-After" in raised.value.headers()) == retry_after
     assert code in raised.value.message or error in (InvalidName, TooLarge)
+
+
+# -- item 1: two processes appending different bytes to one upload ---------------------
+
+P = 5 * MIB
+TOTAL = P + 4096
+
+
+def crc_b64(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
+
+
+def of(tag: str, name: str, match: Callable[[Seen], bool]) -> Callable[[Seen], bool]:
+    return lambda seen: seen.tag == tag and match(seen) \
+        and (name in seen.path or "/.uploads/sessions/" in seen.path)
+
+
+def part(number: int) -> Callable[[Seen], bool]:
+    return lambda seen: seen.is_upload_part() and seen.query["partNumber"] == str(number)
+
+
+def list_parts(seen: Seen) -> bool:
+    return seen.method == "GET" and "uploadId" in seen.query
+
+
+async def send(http: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, Any, int]:
+    """The whole object in one request, resending from the offset a 308 names
+    (as resumable clients do); (final status, its JSON, 308s seen)."""
+    start, resumed = 0, 0
+    while True:
+        headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        async with http.put(url, data=data[start:], headers=headers,
+                            allow_redirects=False) as resp:
+            if resp.status != 308 or resumed == 3:
+                return resp.status, await resp.json(), resumed
+            ranged = resp.headers.get("Range")
+            start = int(ranged.rsplit("-", 1)[1]) + 1 if ranged else 0
+            resumed += 1
+
+
+#: How the loser's requests interleave with the winner's: which of the
+#: loser's requests is held, and until which request of the winner arrives
+#: (None: until the winner has its answer).
+SCENARIOS = [
+    # The loser's part 1 lands after the winner recorded its own part 1, just
+    # before the winner's completion lists the parts: caught by the check.
+    ("part 1 late, before the check", part(1), list_parts),
+    # ... between the check and CompleteMultipartUpload: S3 compares ETags.
+    ("part 1 late, before the completion", part(1), op("CompleteMultipartUpload")),
+    # The loser's part 1 lands first and is overwritten by the winner's; the
+    # loser's record write comes last and loses.
+    ("record write late", op("PutRecord"), None),
+    # The loser's part lands after the winner completed.
+    ("part 1 after completion", part(1), None),
+]
+
+
+async def test_two_processes_appending_different_bytes_never_make_a_chimera(
+        gate, bucket, http, s3_client, tmp_path) -> None:
+    servers = {tag: AppProcess(await gate.listener(tag), bucket, tmp_path / f"{tag}.log")
+               for tag in "AB"}
+    try:
+        for server in servers.values():
+            await server.start(http)
+        for trial in range(10):
+            description, held, until = SCENARIOS[trial % len(SCENARIOS)]
+            loser, winner = ("A", "B") if trial % 2 == 0 else ("B", "A")
+            name = f"race/{trial}.bin"
+            data = {"A": payload(TOTAL, seed=2 * trial), "B": payload(TOTAL, seed=2 * trial + 1)}
+            url = {tag: f"{servers[tag].url}/upload/{name}" for tag in "AB"}
+            async with http.post(url["A"], headers={"X-Upload-Content-Length": str(TOTAL)}) as r:
+                assert r.status == 200
+            hold_loser = gate.hold(of(loser, name, held))
+            hold_winner = gate.hold(of(winner, name, until)) if until else None
+            losing = asyncio.create_task(send(http, url[loser], data[loser]))
+            # Both read the record at offset 0 before either writes it.
+            await hold_loser.arrived.wait()
+            winning = asyncio.create_task(send(http, url[winner], data[winner]))
+            if hold_winner is not None:
+                await hold_winner.arrived.wait()
+                hold_loser.release()
+                lost = await losing
+                hold_winner.release()
+                won = await winning
+            else:
+                won = await winning
+                hold_loser.release()
+                lost = await losing
+            gate.clear()
+            stored = s3_client.get_object(Bucket=bucket, Key=PREFIX + name)["Body"].read()
+            context = f"trial {trial} ({description}): winner {won[:1]}, loser {lost[:2]}"
+            assert won[0] == 200, context
+            assert stored == data[winner], context
+            assert won[1]["crc32c"] == crc_b64(stored), context
+            if description == "part 1 after completion":
+                # S3 answers NoSuchUpload (404 here); moto fails with a 500
+                # (503 + Retry-After here). Either way a probe then shows the
+                # loser an object whose crc32c is not that of its bytes.
+                assert lost[0] in (404, 503), context
+                async with http.put(url[loser], headers={"Content-Range": "bytes */*"}) as r:
+                    assert r.status == 200
+                    assert (await r.json())["crc32c"] != crc_b64(data[loser])
+            else:
+                assert lost[0] == 409, context
+                assert lost[1]["error"] == "offset_mismatch", context
+            if until is not None:
+                # The winner's acknowledged part 1 was overwritten: it was asked
+                # for it again and sent it, never given the loser's bytes.
+                assert won[2] == 1, context
+    finally:
+        for server in servers.values():
+            await server.stop()
+
+
+# -- item 5: the cleanup job sweeps only what is provably ours -------------------------
+
+HOUR = 3600.0
+
+
+@pytest.mark.parametrize("prefix", ["", "uploads/"])
+async def test_cleanup_never_aborts_another_applications_multipart_uploads(
+        prefix, tmp_path, moto_endpoint, bucket, s3_client, monkeypatch) -> None:
+    # moto dates every multipart upload 2010; list them with real times, as S3 does.
+    emulate_s3_upload_listing(monkeypatch)
+    config = storage_config("s3", tmp_path, moto_endpoint, bucket, part_size=5 * MIB)
+    config = config_replace(config, storage={"s3": {"prefix": prefix}})
+    store = await S3Store.open(config.storage)
+    try:
+        # Another tool's uploads, in the store's prefix and beside it.
+        foreign = [f"{prefix}backups/db-2026-12-01.tar", "backups/other-tool.tar"]
+        for key in foreign:
+            upload = s3_client.create_multipart_upload(Bucket=bucket, Key=key)
+            s3_client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                                  PartNumber=1, Body=b"b" * 100)
+        # Ours: a create that died after its multipart upload, before its record.
+        crashed = f"{prefix}crashed.bin"
+        await store.begin_multipart("d" * 32, {"Key": crashed, "ContentType": "x",
+                                               "Metadata": {}})
+
+        report = await run_cleanup(store, older_than=HOUR, now=time.time() + 2 * HOUR)
+        assert report.errors == 0
+        left = {u["Key"] for u in s3_client.list_multipart_uploads(Bucket=bucket)
+                .get("Uploads", [])}
+        assert left == set(foreign)
+        assert report.orphans == 1
+        markers = [k["Key"] for k in s3_client.list_objects_v2(
+            Bucket=bucket, Prefix=f"{prefix}.uploads/markers/").get("Contents", [])]
+        assert markers == []
+    finally:
+        await store.close()

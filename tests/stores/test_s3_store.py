@@ -670,8 +670,19 @@ def upload_id_of(s3_client, bucket: str, key: str) -> str:
     return uploads[0]["UploadId"]
 
 
+def mark_upload(s3_client, bucket: str, key: str, prefix: str = PREFIX) -> None:
+    """The marker the store writes before creating a multipart upload at ``key``."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    s3_client.put_object(Bucket=bucket, Key=f"{prefix}.uploads/markers/{digest}/{'c' * 32}",
+                         Body=b"{}")
+
+
 def stray_upload(s3_client, bucket: str, key: str, part: bytes = b"") -> str:
-    """A multipart upload no session record knows (a create that died)."""
+    """A multipart upload no session record knows: under the prefix, a create
+    that died after its marker and CreateMultipartUpload; elsewhere, another
+    application's."""
+    if key.startswith(PREFIX):
+        mark_upload(s3_client, bucket, key)
     upload_id = s3_client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     if part:
         s3_client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1,

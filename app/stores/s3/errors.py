@@ -39,6 +39,8 @@ TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError)
 CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 NO_UPLOAD_CODES = frozenset({"NoSuchUpload"})
+#: CompleteMultipartUpload: a listed part is missing or has another ETag.
+INVALID_PART_CODES = frozenset({"InvalidPart"})
 #: Providers without conditional deletes answer DeleteObject + If-Match so.
 UNSUPPORTED_CODES = frozenset({"NotImplemented", "501"})
 #: S3 refusals of the request itself: resending it can never succeed (400).

@@ -11,7 +11,7 @@ from typing import Any
 from app.core.digests import crc32c_b64
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES
-from app.stores.s3.records import Layout, Record, Segment
+from app.stores.s3.records import Layout, Part, Record, Segment
 
 
 class BufferGauge:
@@ -49,6 +49,10 @@ async def upload_part(
     return await client.call("UploadPart", NO_UPLOAD_CODES, **params)
 
 
+def bare_etag(etag: object) -> str:
+    return str(etag).strip('"')
+
+
 @dataclass
 class WriteState:
     """Bookkeeping shared by a write's main loop and its part-upload tasks."""
@@ -69,6 +73,8 @@ class WriteState:
     done: set[int] = field(default_factory=set)
     #: Part number -> (offset at its end, CRC32C of [0, that offset)).
     boundaries: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: Part number -> the part as it landed (ETag, its CRC32C), for the record.
+    landed: dict[int, Part] = field(default_factory=dict)
     failure: BaseException | None = None
     buffered: int = 0
     #: Segments this write began to stage: a cancellation deletes those the

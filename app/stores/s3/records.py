@@ -57,6 +57,19 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A part the record accounts for: what completion asks S3 to assemble."""
+
+    #: UploadPart's ETag, without quotes (MD5 of the bytes on AWS, MinIO, moto).
+    etag: str
+    #: CRC32C of the part's bytes (0 when the upload sends no part checksums).
+    crc32c: int
+    #: CRC32C of the upload's bytes up to the part's end, so the record can be
+    #: rolled back to just before any part.
+    end_crc32c: int
+
+
+@dataclass(frozen=True)
 class Record:
     name: str
     session_id: str
@@ -79,6 +92,9 @@ class Record:
     tail_crc32c: int = 0
     completed: CompletedObject | None = None
     target: str | None = None
+    #: Parts 1..offset // part_size as their writer recorded them; None for a
+    #: record written before parts were recorded (completion lists those).
+    parts: tuple[Part, ...] | None = ()
 
     @property
     def object_name(self) -> str:
@@ -92,6 +108,8 @@ class Record:
             "checksum_algorithm": self.checksum_algorithm,
             "staged": [[s.start, s.length, s.crc32c, s.token] for s in self.staged],
             "tail_crc32c": self.tail_crc32c,
+            "parts": None if self.parts is None
+            else [[p.etag, p.crc32c, p.end_crc32c] for p in self.parts],
         }
         # ASCII escapes keep any metadata text encodable.
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
@@ -108,6 +126,9 @@ class Record:
                 Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
             ),
             tail_crc32c=int(doc.get("tail_crc32c", 0)),
+            parts=None if doc.get("parts") is None else tuple(
+                Part(str(e), int(c), int(x)) for e, c, x in doc["parts"]
+            ),
         )
 
     def to_info(self, version: str | None) -> UploadInfo:

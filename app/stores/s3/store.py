@@ -54,8 +54,9 @@ from app.core.model import PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
-from app.stores.s3.completion import Completion, object_metadata
+from app.stores.s3.completion import Completion, PartOverwritten, object_metadata
 from app.stores.s3.errors import S3Refusal
+from app.stores.s3.markers import Markers
 from app.stores.s3.parts import BufferGauge
 from app.stores.s3.records import Layout, Record, Records
 from app.stores.s3.staged import StagedData
@@ -90,7 +91,9 @@ class S3Store:
         self._writer = Writer(client, self._layout, self.records, self._staged, self._gauge,
                               parts_in_flight=config.parts_in_flight)
         self._completion = Completion(client, self._layout, self._staged, self._gauge)
-        self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged)
+        self.markers = Markers(client, self._layout)
+        self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged,
+                                       self.markers)
 
     @classmethod
     async def open(cls, config: StorageConfig) -> S3Store:
@@ -171,16 +174,10 @@ class S3Store:
             "Metadata": object_metadata(metadata, session_id),
         }
         old = await self.records.read(name)
-        if self._checksums:
-            params["ChecksumAlgorithm"] = "CRC32C"
-        try:
-            created = await self._client.call("CreateMultipartUpload", {"MetadataTooLarge"},
-                                              **params)
-        except S3Refusal as exc:
-            raise BadRequest(f"the upload's metadata is too large for S3: {exc.message}") from None
+        upload_id = await self.begin_multipart(session_id, params)
         now = time.time()
         record = Record(
-            name=name, session_id=session_id, upload_id=str(created["UploadId"]), offset=0,
+            name=name, session_id=session_id, upload_id=upload_id, offset=0,
             total=total, part_size=part_size, crc32c=0, content_type=content_type,
             metadata=dict(metadata), owner=owner, created_at=now, updated_at=now,
             checksum_algorithm="CRC32C" if self._checksums else None, target=target,
@@ -201,6 +198,27 @@ class S3Store:
             await self._discard_session_data(old[0], quiet=True)
         log.debug("created S3 upload for %r (session %s)", name, session_id)
         return record.to_info(etag)
+
+    async def begin_multipart(self, session_id: str, params: dict[str, Any]) -> str:
+        """The first half of ``create``: the marker, then the multipart upload
+        (``params`` for CreateMultipartUpload); its upload id. The marker comes
+        first so that an upload whose record never got written (a crash here)
+        is still provably this store's, and swept."""
+        key = str(params["Key"])
+        await self.markers.write(key, session_id)
+        if self._checksums:
+            params = {**params, "ChecksumAlgorithm": "CRC32C"}
+        try:
+            created = await self._client.call("CreateMultipartUpload", {"MetadataTooLarge"},
+                                              **params)
+        except BaseException as exc:
+            await self.markers.delete(key, session_id)
+            if isinstance(exc, S3Refusal):
+                raise BadRequest(
+                    f"the upload's metadata is too large for S3: {exc.message}"
+                ) from None
+            raise
+        return str(created["UploadId"])
 
     async def get(self, name: str) -> UploadInfo:
         record, etag = await self.records.load(name)
@@ -227,7 +245,10 @@ class S3Store:
         record, etag = await self.records.load(info.name)
         if rules.check_finish(record.to_info(etag), info):
             return record.to_info(etag)
-        completed = replace(await self._completion.complete(record), md5=md5)
+        try:
+            completed = replace(await self._completion.complete(record), md5=md5)
+        except PartOverwritten as exc:
+            return await self._roll_back(record, etag, exc.number)
         done = replace(record, completed=completed, staged=(), tail_crc32c=0,
                        updated_at=completed.completed_at)
         try:
@@ -240,7 +261,27 @@ class S3Store:
                 return again[0].to_info(again[1])
             raise
         await self._staged.discard_session(record.session_id, quiet=True)
+        await self.markers.delete(self._layout.object_key(record.object_name), record.session_id)
         return done.to_info(etag)
+
+    async def _roll_back(self, record: Record, etag: str, number: int) -> UploadInfo:
+        """The record, rolled back to just before part ``number``, which S3 no
+        longer holds as acknowledged: the client is asked for those bytes
+        again (a 308 with the lower ``Range``) rather than given an object
+        with another writer's bytes in it, or refused outright. Parts from
+        ``number`` on are overwritten by the resend and checked again at the
+        next completion."""
+        assert record.parts is not None
+        kept = record.parts[: number - 1]
+        offset = (number - 1) * record.part_size
+        rolled = replace(record, offset=offset, crc32c=kept[-1].end_crc32c if kept else 0,
+                         parts=kept, staged=(), tail_crc32c=0, updated_at=time.time())
+        log.error("upload %r: part %d was overwritten by a writer that lost the session "
+                  "record; rolled back from %d to %d bytes, the client must resend from there",
+                  record.name, number, record.offset, offset)
+        etag = await self.records.put(rolled, if_match=etag)
+        await self._staged.delete(record.session_id, record.staged)
+        return rolled.to_info(etag)
 
     async def cancel(self, name: str, *, session_id: str | None = None) -> None:
         record, etag = await self.records.load(name)
@@ -263,20 +304,22 @@ class S3Store:
                     yield record.to_info(etag)
 
     async def _discard_session_data(self, record: Record, *, quiet: bool) -> None:
+        key = self._layout.object_key(record.object_name)
         try:
-            await self._client.abort_upload(self._layout.object_key(record.object_name),
-                                            record.upload_id)
+            await self._client.abort_upload(key, record.upload_id)
         except UploadError:
             if not quiet:
                 raise
         await self._staged.discard_session(record.session_id, quiet=quiet)
+        await self.markers.delete(key, record.session_id)
 
     async def _abort_quietly(self, record: Record) -> None:
+        key = self._layout.object_key(record.object_name)
         try:
-            await self._client.abort_upload(self._layout.object_key(record.object_name),
-                                            record.upload_id)
+            await self._client.abort_upload(key, record.upload_id)
         except UploadError:
-            pass  # logged by the client; an unaborted MPU only costs storage until swept
+            return  # logged by the client; the marked MPU only costs storage until swept
+        await self.markers.delete(key, record.session_id)
 
     # -- HealthCheck --------------------------------------------------------
 

@@ -24,8 +24,8 @@ from app.errors import TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
-from app.stores.s3.parts import BufferGauge, Fill, WriteState, upload_part
-from app.stores.s3.records import Layout, Record, Records
+from app.stores.s3.parts import BufferGauge, Fill, WriteState, bare_etag, upload_part
+from app.stores.s3.records import Layout, Part, Record, Records
 from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
@@ -238,7 +238,12 @@ class Writer:
         try:
             if prefix_len:
                 await self._staged.fill(state.record, state.prefix, buf)
-            await upload_part(self._client, self._layout, state.record, number, buf, part_crc)
+            result = await upload_part(self._client, self._layout, state.record, number, buf,
+                                       part_crc)
+            # What this write uploaded is what the record will name: completion
+            # assembles exactly these ETags, never whatever S3 lists later.
+            state.landed[number] = Part(bare_etag(result["ETag"]), part_crc,
+                                        state.boundaries[number][1])
             state.done.add(number)
         except Exception as exc:
             state.fail(exc)
@@ -262,8 +267,12 @@ class Writer:
             if last == state.committed_part:
                 return
             end, end_crc = state.boundaries[last]
+            parts = state.record.parts
+            if parts is not None:
+                parts = (*parts, *(state.landed[n]
+                                   for n in range(state.committed_part + 1, last + 1)))
             record = replace(state.record, offset=end, crc32c=end_crc, total=state.total,
-                             staged=(), tail_crc32c=0, updated_at=time.time())
+                             staged=(), tail_crc32c=0, updated_at=time.time(), parts=parts)
             state.etag = await settled(self._records.put(record, if_match=state.etag))
             state.record = record
             state.committed_part = last
