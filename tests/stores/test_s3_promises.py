@@ -297,3 +297,55 @@ async def test_cleanup_never_aborts_another_applications_multipart_uploads(
         assert markers == []
     finally:
         await store.close()
+
+
+# -- item 9: tiny chunks cost S3 a bounded number of bytes and requests ----------------
+
+
+async def test_tiny_chunks_cost_s3_bounded_bytes_and_requests(
+        gate, bucket, http, s3_client, tmp_path) -> None:
+    server = AppProcess(await gate.listener("app"), bucket, tmp_path / "app.log")
+    total = MIB + 5
+    data = payload(total, seed=9)
+    name = "tiny/chunks.bin"
+    url = f"{server.url}/upload/{name}"
+    received = requests = 0
+    offset = 0
+
+    async def put(size: int) -> int:
+        nonlocal received, requests, offset
+        end = min(offset + size, total)
+        headers = {"Content-Range": f"bytes {offset}-{end - 1}/{total}"}
+        async with http.put(url, data=data[offset:end], headers=headers,
+                            allow_redirects=False) as resp:
+            received += end - offset
+            requests += 1
+            if resp.status == 308:
+                ranged = resp.headers.get("Range")
+                offset = int(ranged.rsplit("-", 1)[1]) + 1 if ranged else 0
+            else:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["crc32c"] == crc_b64(data)
+                offset = total
+            return resp.status
+
+    try:
+        await server.start(http)
+        gate.log.clear()
+        # 200 one-byte chunks, each sent at the offset the last 308 named (a
+        # client resends what was not acknowledged).
+        for _ in range(200):
+            assert await put(1) == 308
+        tiny_acknowledged = offset
+        while offset < total:
+            await put(256 * 1024)
+    finally:
+        await server.stop()
+    # The upload's budget of small writes is taken in full, then tiny
+    # non-final chunks are not acknowledged (nothing of them reaches S3).
+    assert tiny_acknowledged == 64
+    assert s3_client.get_object(Bucket=bucket, Key=PREFIX + name)["Body"].read() == data
+    seen = gate.seen("app")
+    written = sum(s.size for s in seen)
+    assert written <= 2 * received + 5 * MIB, (written, received)
+    assert len(seen) <= 3 * requests, (len(seen), requests)

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -90,6 +90,9 @@ class Record:
     staged: tuple[Segment, ...] = ()
     #: CRC32C of the staged bytes alone: the start of the next part's checksum.
     tail_crc32c: int = 0
+    #: Writes so far that staged a remainder shorter than a granule: a budget
+    #: (see ``writer.SMALL_WRITE_BUDGET``) that keeps tiny chunks cheap.
+    small_writes: int = 0
     completed: CompletedObject | None = None
     target: str | None = None
     #: Parts 1..offset // part_size as their writer recorded them; None for a
@@ -108,6 +111,7 @@ class Record:
             "checksum_algorithm": self.checksum_algorithm,
             "staged": [[s.start, s.length, s.crc32c, s.token] for s in self.staged],
             "tail_crc32c": self.tail_crc32c,
+            "small_writes": self.small_writes,
             "parts": None if self.parts is None
             else [[p.etag, p.crc32c, p.end_crc32c] for p in self.parts],
         }
@@ -126,6 +130,7 @@ class Record:
                 Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
             ),
             tail_crc32c=int(doc.get("tail_crc32c", 0)),
+            small_writes=int(doc.get("small_writes", 0)),
             parts=None if doc.get("parts") is None else tuple(
                 Part(str(e), int(c), int(x)) for e, c, x in doc["parts"]
             ),
@@ -214,12 +219,30 @@ class Layout:
 # -- reading and writing records ---------------------------------------------------
 
 
+#: Records this process read or wrote last, kept so that a write right after
+#: a read of the same version needs no second GET.
+_KNOWN_RECORDS = 1024
+
+
 class Records:
     """Session records in the bucket, read and written conditionally."""
 
     def __init__(self, client: S3Client, layout: Layout) -> None:
         self._client = client
         self._layout = layout
+        self._known: OrderedDict[str, tuple[str, Record]] = OrderedDict()
+
+    def known(self, name: str, etag: str | None) -> Record | None:
+        """The record of ``name`` at version ``etag`` if this process has seen
+        it. Possibly stale: a conditional write at ``etag`` is the check."""
+        entry = self._known.get(name)
+        return entry[1] if entry is not None and etag is not None and entry[0] == etag else None
+
+    def _remember(self, record: Record, etag: str) -> None:
+        self._known[record.name] = (etag, record)
+        self._known.move_to_end(record.name)
+        while len(self._known) > _KNOWN_RECORDS:
+            self._known.popitem(last=False)
 
     async def read(self, name: str) -> tuple[Record, str] | None:
         """The record of ``name`` and its ETag; None if there is none."""
@@ -228,10 +251,12 @@ class Records:
             return None
         raw, etag = loaded
         try:
-            return Record.from_json(raw), etag
+            record = Record.from_json(raw)
         except (ValueError, KeyError, TypeError) as exc:
             log.error("session record of %r is damaged: %r", name, exc)
             raise StorageUnavailable(f"the session record of {name!r} is unreadable") from None
+        self._remember(record, etag)
+        return record, etag
 
     async def load(self, name: str) -> tuple[Record, str]:
         """Like ``read``, but ``UploadNotFound`` if there is no record."""
@@ -267,9 +292,12 @@ class Records:
                 f"another writer changed {record.name!r}; it holds {current[0].offset} bytes",
                 offset=current[0].offset,
             ) from None
-        return str(result["ETag"])
+        etag = str(result["ETag"])
+        self._remember(record, etag)
+        return etag
 
     async def delete(self, name: str) -> None:
+        self._known.pop(name, None)
         await self._client.call("DeleteObject", Key=self._layout.record_key(name))
 
     async def scan(self) -> AsyncIterator[tuple[str, dict[str, Any], tuple[bytes, str] | None]]:

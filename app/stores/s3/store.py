@@ -21,6 +21,21 @@ The record's ETag is the ``UploadInfo.version``; every record update is a
 conditional PUT (``IfMatch``/``IfNoneMatch``), so two processes can never both
 advance one upload. Nothing here ever touches local disk.
 
+The record also names every part it accounts for (ETag, CRC32C), and
+completion assembles exactly those, never what ListParts holds. UploadPart
+takes no condition, so a writer that lost the race for the record can still
+overwrite a part late, even an acknowledged one. Completion compares S3's
+ETags with the record's first (and CompleteMultipartUpload compares them
+again, answering ``InvalidPart``): a differing staged tail is uploaded again;
+a differing full part makes ``finish`` roll the record back to that part's
+start and return the upload unfinished, so the client is asked for those bytes
+again (308 with the lower ``Range``). That was chosen over refusing to
+complete: the bytes are usually still at the client (files, buffered chunks),
+refusing would throw away an upload that can be repaired, and the state after
+the rollback is exactly what S3 holds that the record can vouch for. A client
+that cannot go back (ours, when it had an acknowledgement beyond that point)
+reports the loss clearly instead of getting another writer's bytes.
+
 ``S3Store`` checks each request against ``app.core.rules`` and composes
 collaborators that each own one concern:
 
@@ -233,11 +248,17 @@ class S3Store:
     ) -> UploadInfo:
         if info.completed is not None:
             raise UploadNotFound(f"the upload {info.name!r} is already complete")
-        # A fresh read costs one small GET and means a stale writer is refused
-        # before it can overwrite a part another writer already uploaded.
-        record, etag = await self.records.load(info.name)
+        # The record this process just read (the caller's ``get``) saves a
+        # GET: a write that only stages is checked by its conditional record
+        # write, and one that uploads a part reads the record again first, so a
+        # stale writer is refused before it can overwrite another's part.
+        known = self.records.known(info.name, info.version)
+        if known is not None and info.version is not None:
+            record, etag = known, info.version
+        else:
+            record, etag = await self.records.load(info.name)
         settled = rules.check_write(record.to_info(etag), info, total)
-        return await self._writer.write(record, etag, settled, chunks)
+        return await self._writer.write(record, etag, settled, chunks, fresh=known is None)
 
     async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
         if info.completed is not None:

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
-from app.errors import TooLarge, TotalMismatch, UploadError
+from app.errors import OffsetMismatch, TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
@@ -30,9 +30,19 @@ from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
 
-#: Past this many staged segments in one part, a write folds them into one
-#: object, so a client sending tiny chunks cannot grow the record without bound.
+#: Past this many staged segments in one part, a write of an upload of unknown
+#: size folds them into one object, so a client sending tiny chunks cannot grow
+#: the record without bound.
 MAX_STAGED_SEGMENTS = 32
+#: With a known total, a write that does not reach it keeps a remainder past
+#: the last full part only in whole granules (from the part's start) once the
+#: upload has used up its budget of small writes: every staged byte is then
+#: written to S3 twice at most (staged, then in its part), never re-uploaded by
+#: folding, and the record names at most budget + part / granule segments.
+#: Google asks for non-final chunks in multiples of 256 KiB too.
+GRANULE = 256 * 1024
+#: Writes of an upload that stage a remainder shorter than ``GRANULE`` in full.
+SMALL_WRITE_BUDGET = 64
 #: Bound on the clean-up after a cancellation: a cancelled (often timed-out)
 #: write must not linger; what it leaves is garbage the orphan sweep finds.
 _CANCEL_CLEANUP_SECONDS = 10.0
@@ -88,13 +98,15 @@ class Writer:
         self._parts_in_flight = parts_in_flight
 
     async def write(self, record: Record, etag: str, total: int | None,
-                    chunks: AsyncIterable[bytes]) -> UploadInfo:
-        """Append ``chunks`` to the upload ``record`` (at ``etag``) describes."""
+                    chunks: AsyncIterable[bytes], *, fresh: bool = True) -> UploadInfo:
+        """Append ``chunks`` to the upload ``record`` (at ``etag``) describes;
+        ``fresh``: the record was just read from the bucket."""
         first_part = record.offset // record.part_size + 1
         state = WriteState(
             record=record, etag=etag, total=total, prefix=record.staged,
             first_part=first_part, committed_part=first_part - 1,
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
+            fresh=fresh, start_crc=record.crc32c,
         )
         try:
             return await self._write(state, chunks)
@@ -216,6 +228,15 @@ class Writer:
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
         assert fill.buf is not None
+        if not state.fresh:
+            # UploadPart takes no condition: make sure no other writer moved
+            # the record before overwriting a part number it may have used.
+            current = await self._records.load(state.record.name)
+            if current[1] != state.etag:
+                raise OffsetMismatch(
+                    f"another writer changed {state.record.name!r}; it holds "
+                    f"{current[0].offset} bytes", offset=current[0].offset)
+            state.fresh = True
         # Waiting here while holding the full buffer is what bounds memory to
         # (parts_in_flight + 1) parts per write.
         await state.semaphore.acquire()
@@ -283,6 +304,9 @@ class Writer:
         # A staged tail is always shorter than a part: the loop uploads every
         # part it fills, so a full buffer never reaches this point.
         assert fill.buf is None or fill.pos < fill.length
+        small_writes = state.record.small_writes
+        if fill.buf is not None and fill.pos > fill.new_from:
+            small_writes += self._trim_to_granules(state, fill)
         if fill.buf is not None and fill.pos > fill.new_from:
             data, start = await self._remainder(state, fill)
             state.release(len(fill.buf))
@@ -297,9 +321,41 @@ class Writer:
                                                   state.record.total):
             updated = replace(state.record, offset=fill.offset, crc32c=fill.crc,
                               total=state.total, staged=staged, tail_crc32c=tail_crc,
-                              updated_at=time.time())
+                              updated_at=time.time(), small_writes=small_writes)
             state.etag = await settled(self._records.put(updated, if_match=state.etag))
             state.record = updated
+
+    @staticmethod
+    def _trim_to_granules(state: WriteState, fill: Fill) -> int:
+        """Keep out of this write the bytes past its last whole granule when
+        the budget of small writes is spent (known totals only: with an
+        unknown one, the end of the stream may be the end of the object);
+        1 if the write counts as a small one."""
+        if state.total is None or fill.offset == state.total:
+            return 0
+        new = fill.pos - fill.new_from
+        if state.record.small_writes < SMALL_WRITE_BUDGET:
+            return 1 if new < GRANULE else 0
+        keep = fill.pos // GRANULE * GRANULE
+        if keep >= fill.pos:
+            return 0
+        if keep <= fill.new_from:
+            keep = fill.new_from  # not a whole granule of new bytes: none are kept
+        assert fill.buf is not None
+        # The CRC32C at the cut, from where this write's bytes in the part begin.
+        if fill.new_from and fill.number == state.first_part:
+            crc, part_crc = state.start_crc, state.record.tail_crc32c
+        elif fill.number - 1 in state.boundaries:
+            crc, part_crc = state.boundaries[fill.number - 1][1], 0
+        else:
+            crc, part_crc = state.start_crc, 0
+        kept = bytes(memoryview(fill.buf)[fill.new_from : keep])
+        fill.crc = crc32c_extend(crc, kept)
+        if state.record.checksum_algorithm:
+            fill.part_crc = crc32c_extend(part_crc, kept)
+        fill.offset -= fill.pos - keep
+        fill.pos = keep
+        return 0
 
     async def _remainder(self, state: WriteState, fill: Fill) -> tuple[bytes, int]:
         """The bytes to stage after the last full part, and their start offset."""
@@ -308,7 +364,8 @@ class Writer:
         new_from = fill.new_from
         # record.staged is this part's earlier segments when no part was
         # uploaded in this write, and empty once one was.
-        if record.staged and len(record.staged) + 1 > MAX_STAGED_SEGMENTS:
+        if state.total is None and record.staged \
+                and len(record.staged) + 1 > MAX_STAGED_SEGMENTS:
             await self._staged.fill(record, record.staged, fill.buf)
             new_from = 0
         return bytes(memoryview(fill.buf)[new_from : fill.pos]), fill.start + new_from
