@@ -40,6 +40,7 @@ from app.stores.base import (
 )
 from app.stores.s3.records import Record
 from app.stores.s3.store import S3Store
+from app.stores.s3.writer import GRANULE, SMALL_WRITE_BUDGET
 from tests.stores.fixtures import storage_config
 
 P = 5 * MIB
@@ -157,19 +158,30 @@ async def test_staged_tail_objects_live_under_the_reserved_prefix(open_s3, s3_cl
     assert done.completed is not None and done.completed.crc32c == google_crc32c.value(data)
 
 
-async def test_many_small_writes_fold_staged_segments(open_s3, s3_client, bucket):
+async def test_small_writes_past_the_budget_are_kept_in_whole_granules(
+        open_s3, s3_client, bucket):
     store = await open_s3()
-    data = payload(40 * 1000 + P)
-    # An unknown total: any write may be the last, so each is staged in full.
+    data = payload(P + 300_000)
     info = await create(store, "small.bin", None)
-    for i in range(40):
-        info = await store.write(info, stream(data[i * 1000 : (i + 1) * 1000]))
-    # Segments were folded, so the tail is a handful of objects, not 40.
-    assert len(keys(s3_client, bucket, staged_prefix(info.session_id))) < 40
+    for i in range(SMALL_WRITE_BUDGET):
+        info = await store.write(info, stream(data[i * 100 : (i + 1) * 100]))
+        assert info.offset == (i + 1) * 100
+    # The budget is spent: a tiny write is not kept at all, one that crosses a
+    # granule boundary up to it; nothing is ever folded (re-uploaded).
+    at = info.offset
+    info = await store.write(info, stream(data[at : at + 100]))
+    assert info.offset == at
+    info = await store.write(info, stream(data[at : GRANULE + 10]))
+    assert info.offset == GRANULE
+    assert info.crc32c == google_crc32c.value(data[:GRANULE])
+    staged = keys(s3_client, bucket, staged_prefix(info.session_id))
+    assert len(staged) == SMALL_WRITE_BUDGET + 1
     fresh = await open_s3()  # cannot use this process's cache
     info = await fresh.get("small.bin")
-    assert info.offset == 40_000 and info.crc32c == google_crc32c.value(data[:40_000])
-    info = await fresh.write(info, stream(data[40_000:]), total=len(data))
+    assert info.offset == GRANULE and info.crc32c == google_crc32c.value(data[:GRANULE])
+    # A write that completes the upload is kept whole, whatever its size.
+    info = await fresh.write(info, stream(data[GRANULE:]), total=len(data))
+    assert info.offset == len(data)
     await fresh.finish(info)
     assert read_object(s3_client, bucket, "small.bin") == data
 

@@ -5,13 +5,19 @@ in progress holds (``WriteState``, ``Fill``), the count of part buffers held
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from app.core.digests import crc32c_b64
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES
 from app.stores.s3.records import Layout, Part, Record, Segment
+
+log = logging.getLogger("app.stores.s3")
+
+_T = TypeVar("_T")
 
 
 class BufferGauge:
@@ -47,6 +53,41 @@ async def upload_part(
         # S3 rejects the part if the bytes it got do not match this CRC.
         params["ChecksumCRC32C"] = crc32c_b64(part_crc)
     return await client.call("UploadPart", NO_UPLOAD_CODES, **params)
+
+
+async def settled(step: Awaitable[_T]) -> _T:
+    """Await ``step`` to its end even if cancelled meanwhile, then re-raise the
+    cancellation: a record or staged PUT already sent may land whether or not
+    its answer is awaited, and the clean-up after a cancellation must know."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        except BaseException:
+            if cancelled:
+                raise asyncio.CancelledError from None
+            raise
+        break
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> None:
+    """Close a chunk stream the write stops reading early (if it can be closed)."""
+    closer = getattr(chunks, "aclose", None)
+    if closer is None:
+        return
+    try:
+        await closer()
+    except Exception:
+        log.debug("closing the chunk stream failed", exc_info=True)
 
 
 def bare_etag(etag: object) -> str:

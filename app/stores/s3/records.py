@@ -248,6 +248,7 @@ class Records:
         """The record of ``name`` and its ETag; None if there is none."""
         loaded = await self._client.get_bytes(self._layout.record_key(name))
         if loaded is None:
+            self._known.pop(name, None)
             return None
         raw, etag = loaded
         try:

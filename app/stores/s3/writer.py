@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import replace
-from typing import TypeVar
 
 from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
@@ -24,65 +23,42 @@ from app.errors import OffsetMismatch, TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
-from app.stores.s3.parts import BufferGauge, Fill, WriteState, bare_etag, upload_part
+from app.stores.s3.parts import (
+    BufferGauge,
+    Fill,
+    WriteState,
+    bare_etag,
+    close_quietly,
+    settled,
+    upload_part,
+)
 from app.stores.s3.records import Layout, Part, Record, Records
 from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
 
-#: Past this many staged segments in one part, a write of an upload of unknown
-#: size folds them into one object, so a client sending tiny chunks cannot grow
-#: the record without bound.
-MAX_STAGED_SEGMENTS = 32
-#: With a known total, a write that does not reach it keeps a remainder past
-#: the last full part only in whole granules (from the part's start) once the
-#: upload has used up its budget of small writes: every staged byte is then
-#: written to S3 twice at most (staged, then in its part), never re-uploaded by
-#: folding, and the record names at most budget + part / granule segments.
-#: Google asks for non-final chunks in multiples of 256 KiB too.
+#: A write that does not complete the upload keeps a remainder past the last
+#: full part only in whole granules (from the part's start) once the upload
+#: has used up its budget of small writes. Every staged byte is then written to
+#: S3 twice at most (staged, then in its part), never re-uploaded by folding
+#: segments together, and a record names at most the budget plus
+#: part / granule + 1 segments. Google asks for 256 KiB multiples too. With an
+#: unknown total the end of a stream can be the end of the object only for a
+#: plain PUT, which is a single write of a new upload: the budget is never
+#: spent by then.
 GRANULE = 256 * 1024
+#: Granules per part at most: bigger parts (objects over 160 GiB) get bigger
+#: granules, so the record stays small.
+MAX_GRANULES = 64
 #: Writes of an upload that stage a remainder shorter than ``GRANULE`` in full.
 SMALL_WRITE_BUDGET = 64
 #: Bound on the clean-up after a cancellation: a cancelled (often timed-out)
 #: write must not linger; what it leaves is garbage the orphan sweep finds.
 _CANCEL_CLEANUP_SECONDS = 10.0
 
-_T = TypeVar("_T")
-
-
-async def settled(step: Awaitable[_T]) -> _T:
-    """Await ``step`` to its end even if cancelled meanwhile, then re-raise the
-    cancellation: a record or staged PUT already sent may land whether or not
-    its answer is awaited, and the clean-up after a cancellation must know."""
-    task = asyncio.ensure_future(step)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-            continue
-        except BaseException:
-            if cancelled:
-                raise asyncio.CancelledError from None
-            raise
-        break
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
-
-
-async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> None:
-    """Close a chunk stream the write stops reading early (if it can be closed)."""
-    closer = getattr(chunks, "aclose", None)
-    if closer is None:
-        return
-    try:
-        await closer()
-    except Exception:
-        log.debug("closing the chunk stream failed", exc_info=True)
+def granule_of(part_size: int) -> int:
+    """The granule of non-final writes for parts of ``part_size``."""
+    return max(GRANULE, -(-part_size // (MAX_GRANULES * GRANULE)) * GRANULE)
 
 
 class Writer:
@@ -328,15 +304,14 @@ class Writer:
     @staticmethod
     def _trim_to_granules(state: WriteState, fill: Fill) -> int:
         """Keep out of this write the bytes past its last whole granule when
-        the budget of small writes is spent (known totals only: with an
-        unknown one, the end of the stream may be the end of the object);
-        1 if the write counts as a small one."""
-        if state.total is None or fill.offset == state.total:
+        the budget of small writes is spent; 1 if the write counts as a small one."""
+        if fill.offset == state.total:
             return 0
+        granule = granule_of(fill.size)
         new = fill.pos - fill.new_from
         if state.record.small_writes < SMALL_WRITE_BUDGET:
-            return 1 if new < GRANULE else 0
-        keep = fill.pos // GRANULE * GRANULE
+            return 1 if new < granule else 0
+        keep = fill.pos // granule * granule
         if keep >= fill.pos:
             return 0
         if keep <= fill.new_from:
@@ -360,14 +335,7 @@ class Writer:
     async def _remainder(self, state: WriteState, fill: Fill) -> tuple[bytes, int]:
         """The bytes to stage after the last full part, and their start offset."""
         assert fill.buf is not None
-        record = state.record
         new_from = fill.new_from
-        # record.staged is this part's earlier segments when no part was
-        # uploaded in this write, and empty once one was.
-        if state.total is None and record.staged \
-                and len(record.staged) + 1 > MAX_STAGED_SEGMENTS:
-            await self._staged.fill(record, record.staged, fill.buf)
-            new_from = 0
         return bytes(memoryview(fill.buf)[new_from : fill.pos]), fill.start + new_from
 
     async def _end_failed_write(self, state: WriteState) -> None:
