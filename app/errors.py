@@ -21,6 +21,8 @@ ever sees them::
     ├── UploadNotFound (404)      never created, cancelled or expired
     ├── OffsetMismatch (409)      chunk starts after the stored offset
     ├── TooLarge (413)
+    ├── StorageRefused (400)      the backend refuses the request for good
+    ├── StorageMisconfigured (500, no Retry-After)  the operator must act
     └── Unavailable (503, Retry-After)
         ├── StorageUnavailable    store backend down or failing
         ├── AuthUnavailable       auth webhook down, slow or answering garbage
@@ -127,6 +129,23 @@ class OffsetMismatch(UploadError):
 class TooLarge(UploadError):
     status = 413
     code = "too_large"
+
+
+class StorageRefused(BadRequest):
+    """The storage backend refused the request as invalid (S3
+    ``InvalidArgument``, ``InvalidRequest``, ...): resending it unchanged
+    fails the same way, so it must not look transient."""
+
+    code = "storage_refused"
+
+
+class StorageMisconfigured(UploadError):
+    """The storage backend refuses the service itself (no such bucket, access
+    denied, bad credentials). Not the client's fault, and not transient either:
+    no ``Retry-After``; it lasts until the operator fixes the configuration."""
+
+    status = 500
+    code = "storage_misconfigured"
 
 
 class Unavailable(UploadError):

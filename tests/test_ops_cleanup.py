@@ -35,7 +35,7 @@ from app.stores.base import NotAnOrphan, Orphan, OrphanSweeper, Store, UploadInf
 from app.stores.registry import open_store
 from tests.relay import TcpRelay
 from tests.stores.fixtures import StoreHarness
-from tests.stores.test_s3_store import emulate_s3_upload_listing
+from tests.stores.test_s3_store import emulate_s3_upload_listing, mark_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "abort_stale_uploads.py"
@@ -378,6 +378,7 @@ async def test_s3_orphans_are_swept(store_harness_s3: StoreHarness, s3_client: A
     bucket, prefix = harness.storage.s3.bucket, harness.storage.s3.prefix
     # Crash leftovers, made straight in the bucket: a multipart upload no
     # session record knows, and staged data of a session that is gone...
+    mark_upload(s3_client, bucket, f"{prefix}stray.bin", prefix)
     stray = s3_client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}stray.bin")
     s3_client.upload_part(Bucket=bucket, Key=f"{prefix}stray.bin", UploadId=stray["UploadId"],
                           PartNumber=1, Body=b"p" * 100)

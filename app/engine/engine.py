@@ -550,6 +550,12 @@ class UploadEngine:
                     "the upload was discarded, start it again"
                 )
         done = await self._store.finish(info, md5=md5)
+        if not done.is_complete:
+            # The store found acknowledged bytes gone (S3: a part overwritten
+            # by a writer that lost the race) and rolled back: ask for them again.
+            log.warning("upload %r: the store holds %d bytes, not %s; asking the client "
+                        "to resend", done.name, done.offset, done.total)
+            return done
         log.info("upload %r complete: %d bytes", done.name, done.offset)
         if self._on_complete is not None:
             await self._on_complete(done)

@@ -12,7 +12,10 @@ aborted, so an upload a client resumed while the job ran is left alone.
 Completed objects are never touched; only the session records of uploads
 completed before the threshold are dropped (they serve repeat requests to a
 finished upload, and would otherwise pile up one per object). The job only goes
-through the store, which never strays outside its root or prefix.
+through the store, which never strays outside its root or prefix, and sweeps
+only what is provably its own: on S3, a multipart upload counts only if the
+store wrote its marker before creating it, so other applications' uploads in
+the bucket survive, with prefix ``""`` too.
 
 Pick ``--older-than`` far above the time the slowest client needs between two
 durable writes (a part: 6 MiB by default; a slow phone at 20 KiB/s needs five

@@ -94,7 +94,11 @@ class Store(Protocol):
         """Turn an upload whose ``offset == total`` into the object at
         ``info.object_name`` (replacing whatever was there: the last to finish wins)
         and return the completed state. ``md5`` is recorded when given.
-        Idempotent: a completed upload is returned as it is."""
+        Idempotent: a completed upload is returned as it is. A store that finds
+        bytes it acknowledged no longer stored as they were (S3: a part
+        overwritten by a writer that lost the race for the session) never
+        assembles them: it returns the upload unfinished, at the offset it can
+        still vouch for, and the client is asked to resend from there."""
         ...
 
     async def cancel(self, name: str, *, session_id: str | None = None) -> None:

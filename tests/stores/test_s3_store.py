@@ -40,6 +40,7 @@ from app.stores.base import (
 )
 from app.stores.s3.records import Record
 from app.stores.s3.store import S3Store
+from app.stores.s3.writer import GRANULE, SMALL_WRITE_BUDGET
 from tests.stores.fixtures import storage_config
 
 P = 5 * MIB
@@ -157,18 +158,30 @@ async def test_staged_tail_objects_live_under_the_reserved_prefix(open_s3, s3_cl
     assert done.completed is not None and done.completed.crc32c == google_crc32c.value(data)
 
 
-async def test_many_small_writes_fold_staged_segments(open_s3, s3_client, bucket):
+async def test_small_writes_past_the_budget_are_kept_in_whole_granules(
+        open_s3, s3_client, bucket):
     store = await open_s3()
-    data = payload(40 * 1000 + P)
-    info = await create(store, "small.bin", len(data))
-    for i in range(40):
-        info = await store.write(info, stream(data[i * 1000 : (i + 1) * 1000]))
-    # Segments were folded, so the tail is a handful of objects, not 40.
-    assert len(keys(s3_client, bucket, staged_prefix(info.session_id))) < 40
+    data = payload(P + 300_000)
+    info = await create(store, "small.bin", None)
+    for i in range(SMALL_WRITE_BUDGET):
+        info = await store.write(info, stream(data[i * 100 : (i + 1) * 100]))
+        assert info.offset == (i + 1) * 100
+    # The budget is spent: a tiny write is not kept at all, one that crosses a
+    # granule boundary up to it; nothing is ever folded (re-uploaded).
+    at = info.offset
+    info = await store.write(info, stream(data[at : at + 100]))
+    assert info.offset == at
+    info = await store.write(info, stream(data[at : GRANULE + 10]))
+    assert info.offset == GRANULE
+    assert info.crc32c == google_crc32c.value(data[:GRANULE])
+    staged = keys(s3_client, bucket, staged_prefix(info.session_id))
+    assert len(staged) == SMALL_WRITE_BUDGET + 1
     fresh = await open_s3()  # cannot use this process's cache
     info = await fresh.get("small.bin")
-    assert info.offset == 40_000 and info.crc32c == google_crc32c.value(data[:40_000])
-    info = await fresh.write(info, stream(data[40_000:]))
+    assert info.offset == GRANULE and info.crc32c == google_crc32c.value(data[:GRANULE])
+    # A write that completes the upload is kept whole, whatever its size.
+    info = await fresh.write(info, stream(data[GRANULE:]), total=len(data))
+    assert info.offset == len(data)
     await fresh.finish(info)
     assert read_object(s3_client, bucket, "small.bin") == data
 
@@ -374,7 +387,8 @@ async def test_s3_down_at_write_start_is_storage_unavailable(open_s3, relay):
     await asyncio.to_thread(relay.stop)
     with pytest.raises(StorageUnavailable) as caught:
         await store.write(info, stream(b"x" * 100))
-    assert "GetObject" in caught.value.message
+    # The record this store wrote at create is known: staging is the first call.
+    assert "PutObject" in caught.value.message
     with pytest.raises(StorageUnavailable):
         await store.check_health()
 
@@ -680,8 +694,19 @@ def upload_id_of(s3_client, bucket: str, key: str) -> str:
     return uploads[0]["UploadId"]
 
 
+def mark_upload(s3_client, bucket: str, key: str, prefix: str = PREFIX) -> None:
+    """The marker the store writes before creating a multipart upload at ``key``."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    s3_client.put_object(Bucket=bucket, Key=f"{prefix}.uploads/markers/{digest}/{'c' * 32}",
+                         Body=b"{}")
+
+
 def stray_upload(s3_client, bucket: str, key: str, part: bytes = b"") -> str:
-    """A multipart upload no session record knows (a create that died)."""
+    """A multipart upload no session record knows: under the prefix, a create
+    that died after its marker and CreateMultipartUpload; elsewhere, another
+    application's."""
+    if key.startswith(PREFIX):
+        mark_upload(s3_client, bucket, key)
     upload_id = s3_client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     if part:
         s3_client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1,

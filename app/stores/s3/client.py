@@ -22,7 +22,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from app.config import StorageConfig
-from app.errors import StorageUnavailable
+from app.errors import StorageUnavailable, UploadError
 from app.stores.base import CallObserver
 from app.stores.s3.errors import (
     MISSING_KEY_CODES,
@@ -197,7 +197,7 @@ class S3Client:
                     "DeleteObjects",
                     Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
                 )
-            except StorageUnavailable:
+            except UploadError:
                 if quiet:
                     return
                 raise
@@ -213,7 +213,7 @@ class S3Client:
     async def delete_prefix(self, prefix: str, *, quiet: bool) -> None:
         try:
             keys = [key async for key in self.list_keys(prefix)]
-        except StorageUnavailable:
+        except UploadError:
             if quiet:
                 return
             raise

@@ -11,15 +11,20 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from app.errors import BadRequest, StorageUnavailable, UploadNotFound
+from app.core.digests import crc32c_b64
+from app.errors import BadRequest, StorageUnavailable, UploadError, UploadNotFound
 from app.stores.base import CompletedObject
 from app.stores.s3.client import S3Client
-from app.stores.s3.errors import NO_UPLOAD_CODES, S3Refusal
-from app.stores.s3.parts import BufferGauge, upload_part
-from app.stores.s3.records import SESSION_META, Layout, Record
+from app.stores.s3.errors import INVALID_PART_CODES, NO_UPLOAD_CODES, S3Refusal
+from app.stores.s3.parts import BufferGauge, bare_etag, upload_part
+from app.stores.s3.records import SESSION_META, Layout, Part, Record
 from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
+
+#: Uploads of a staged tail per completion: another writer's late part can
+#: only replace it so often before the finish gives up (and is retried).
+_TAIL_ATTEMPTS = 3
 
 _HEADER_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
@@ -40,6 +45,14 @@ def object_metadata(metadata: Mapping[str, str], session_id: str) -> dict[str, s
     return out
 
 
+class PartOverwritten(Exception):
+    """S3 holds other bytes for part ``number`` than the record names."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(f"part {number} was overwritten")
+        self.number = number
+
+
 class Completion:
     """Turns a record whose ``offset == total`` into the finished object."""
 
@@ -51,6 +64,10 @@ class Completion:
         self._gauge = gauge
 
     async def complete(self, record: Record) -> CompletedObject:
+        """The object, assembled from exactly the parts the record names.
+        ``PartOverwritten`` when S3 holds another part than the record's (a
+        writer that lost the record race uploaded it late: UploadPart takes no
+        condition); nothing is completed then."""
         total = record.total
         assert total is not None
         key = self._layout.object_key(record.object_name)
@@ -63,24 +80,89 @@ class Completion:
             await self._abort_quietly(record)
             return self._completed(record, str(put["ETag"]), 0)
         try:
-            listed = await self._client.parts(key, record.upload_id)
-            count = -(-total // record.part_size)
-            if record.staged:
-                listed[count] = await self._upload_staged_tail(record)
-            parts = self._complete_parts(record, listed, count)
-            result = await self._client.call(
-                "CompleteMultipartUpload", NO_UPLOAD_CODES, Key=key,
-                UploadId=record.upload_id, MultipartUpload={"Parts": parts},
-            )
+            if record.parts is None:
+                return await self._complete_listed(record, key)
+            parts = list(record.parts)
+            for attempt in range(_TAIL_ATTEMPTS):
+                if record.staged:
+                    parts[len(record.parts):] = [await self._upload_staged_tail(record)]
+                try:
+                    result = await self._assemble(record, key, parts)
+                    break
+                except PartOverwritten as exc:
+                    # The staged tail is still ours to upload again; a full
+                    # part is not (its bytes were the client's, not kept here).
+                    if not record.staged or exc.number != len(parts) \
+                            or attempt == _TAIL_ATTEMPTS - 1:
+                        raise
         except S3Refusal:
             return await self._completed_earlier(record)
         return self._completed(record, str(result["ETag"]), total)
+
+    async def _assemble(self, record: Record, key: str, parts: list[Part]) -> dict[str, Any]:
+        assert record.total is not None
+        if len(parts) != -(-record.total // record.part_size):
+            raise StorageUnavailable(
+                f"the session record of {record.name!r} names {len(parts)} parts for "
+                f"{record.total} bytes"
+            )
+        await self._check_parts(record, key, parts)
+        try:
+            return await self._client.call(
+                "CompleteMultipartUpload", NO_UPLOAD_CODES | INVALID_PART_CODES,
+                Key=key, UploadId=record.upload_id,
+                MultipartUpload={"Parts": self._part_list(record, parts)},
+            )
+        except S3Refusal as exc:
+            if exc.code not in INVALID_PART_CODES:
+                raise
+        # A late part landed between the check and the completion, and S3,
+        # comparing the ETags itself, refused: find out which one.
+        await self._check_parts(record, key, parts)
+        raise StorageUnavailable(f"S3 refused the parts of {record.name!r} (InvalidPart)")
+
+    async def _check_parts(self, record: Record, key: str, parts: list[Part]) -> None:
+        """``PartOverwritten`` for the first part S3 holds other bytes for."""
+        listed = await self._client.parts(key, record.upload_id)
+        for number, part in enumerate(parts, start=1):
+            found = listed.get(number)
+            if found is None or bare_etag(found.get("ETag")) != part.etag:
+                log.error("upload %r: S3 holds another part %d than its record names (a late "
+                          "part of a writer that lost the record)", record.name, number)
+                raise PartOverwritten(number)
+
+    @staticmethod
+    def _part_list(record: Record, parts: list[Part]) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for number, part in enumerate(parts, start=1):
+            entry: dict[str, Any] = {"PartNumber": number, "ETag": f'"{part.etag}"'}
+            if record.checksum_algorithm:
+                # S3 requires each part's checksum when the MPU was created with one.
+                entry["ChecksumCRC32C"] = crc32c_b64(part.crc32c)
+            entries.append(entry)
+        return entries
+
+    async def _complete_listed(self, record: Record, key: str) -> CompletedObject:
+        """A record written before parts were recorded: its parts come from
+        ListParts, as they did then."""
+        assert record.total is not None
+        listed = await self._client.parts(key, record.upload_id)
+        count = -(-record.total // record.part_size)
+        if record.staged:
+            tail = await self._upload_staged_tail(record)
+            listed[count] = {"ETag": tail.etag, "Size": record.offset - record.staged[0].start}
+        result = await self._client.call(
+            "CompleteMultipartUpload", NO_UPLOAD_CODES, Key=key,
+            UploadId=record.upload_id,
+            MultipartUpload={"Parts": self._complete_parts(record, listed, count)},
+        )
+        return self._completed(record, str(result["ETag"]), record.total)
 
     async def _abort_quietly(self, record: Record) -> None:
         try:
             await self._client.abort_upload(self._layout.object_key(record.object_name),
                                             record.upload_id)
-        except StorageUnavailable:
+        except UploadError:
             pass  # logged by the client; an unaborted MPU only costs storage until swept
 
     def _completed(self, record: Record, etag: str, size: int) -> CompletedObject:
@@ -100,7 +182,7 @@ class Completion:
             raise UploadNotFound(f"the multipart upload of {record.name!r} no longer exists")
         return self._completed(record, str(head["ETag"]), int(head["ContentLength"]))
 
-    async def _upload_staged_tail(self, record: Record) -> dict[str, Any]:
+    async def _upload_staged_tail(self, record: Record) -> Part:
         start = record.staged[0].start
         buf = bytearray(record.offset - start)
         self._gauge.hold(len(buf))
@@ -108,7 +190,7 @@ class Completion:
             await self._staged.fill(record, record.staged, buf)
             result = await upload_part(self._client, self._layout, record,
                                        start // record.part_size + 1, buf, record.tail_crc32c)
-            return {**result, "Size": len(buf)}
+            return Part(bare_etag(result["ETag"]), record.tail_crc32c, record.crc32c)
         finally:
             self._gauge.release(len(buf))
 

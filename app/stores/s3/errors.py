@@ -23,7 +23,15 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from app.errors import StorageUnavailable, UploadError, UploadNotFound
+from app.errors import (
+    InvalidName,
+    StorageMisconfigured,
+    StorageRefused,
+    StorageUnavailable,
+    TooLarge,
+    UploadError,
+    UploadNotFound,
+)
 
 log = logging.getLogger("app.stores.s3")
 
@@ -31,8 +39,26 @@ TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError)
 CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 NO_UPLOAD_CODES = frozenset({"NoSuchUpload"})
+#: CompleteMultipartUpload: a listed part is missing or has another ETag.
+INVALID_PART_CODES = frozenset({"InvalidPart"})
 #: Providers without conditional deletes answer DeleteObject + If-Match so.
 UNSUPPORTED_CODES = frozenset({"NotImplemented", "501"})
+#: S3 refusals of the request itself: resending it can never succeed (400).
+REFUSED_CODES = frozenset({
+    "InvalidArgument", "InvalidRequest", "MetadataTooLarge", "InvalidPartOrder",
+    "InvalidStorageClass", "InvalidTag", "MalformedXML", "InvalidObjectState",
+})
+#: S3 refusals of the service's configuration (bucket, credentials, policy):
+#: nothing a client does helps, and waiting does not either (500).
+MISCONFIGURED_CODES = frozenset({
+    "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "AllAccessDisabled", "AccountProblem", "InvalidBucketName", "PermanentRedirect",
+    "AuthorizationHeaderMalformed", "InvalidBucketState", "NotSignedUp", "InvalidToken",
+    "InvalidSecurity", "403", "301",
+})
+#: Anything else (throttling such as SlowDown/RequestLimitExceeded, 5xx,
+#: RequestTimeout, ExpiredToken, unknown codes) is treated as transient: a
+#: 503 + Retry-After, which is what S3 itself asks of its clients.
 
 
 class S3Refusal(Exception):
@@ -71,6 +97,25 @@ def transport_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def classify(operation: str, code: str, status: object, message: str) -> UploadError:
+    """The ``app.errors`` type of an S3 error answer: permanent refusals must
+    never pass for an outage, or clients resend them forever."""
+    if code == "KeyTooLongError":
+        return InvalidName(f"the object key is longer than S3 allows: {message}")
+    if code == "EntityTooLarge":
+        return TooLarge(f"S3 refused the data as too large: {message}")
+    text = f"S3 {operation} failed: {code}: {message}"
+    if isinstance(status, int) and status >= 500:
+        return StorageUnavailable(text)
+    if code in REFUSED_CODES:
+        return StorageRefused(f"{text}; resending the same request cannot succeed")
+    if code in MISCONFIGURED_CODES:
+        return StorageMisconfigured(
+            f"{text}; the service's storage configuration must be fixed by its operator"
+        )
+    return StorageUnavailable(text)
+
+
 @asynccontextmanager
 async def s3_errors(operation: str, handled: Collection[str] = ()) -> AsyncIterator[None]:
     """Turn botocore/aiohttp failures into ``StorageUnavailable`` (or
@@ -86,7 +131,7 @@ async def s3_errors(operation: str, handled: Collection[str] = ()) -> AsyncItera
             raise S3Refusal(operation, code if code in handled else str(status),
                             message) from None
         log.warning("S3 %s failed: %s (HTTP %s): %s", operation, code, status, message)
-        raise StorageUnavailable(f"S3 {operation} failed: {code}: {message}") from None
+        raise classify(operation, code, status, message) from None
     except TRANSPORT_ERRORS as exc:
         log.warning("S3 %s failed: %s: %s", operation, type(exc).__name__, exc)
         # The text of these errors holds the endpoint URL and key: logs only.

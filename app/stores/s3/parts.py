@@ -5,13 +5,19 @@ in progress holds (``WriteState``, ``Fill``), the count of part buffers held
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from app.core.digests import crc32c_b64
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES
-from app.stores.s3.records import Layout, Record, Segment
+from app.stores.s3.records import Layout, Part, Record, Segment
+
+log = logging.getLogger("app.stores.s3")
+
+_T = TypeVar("_T")
 
 
 class BufferGauge:
@@ -49,6 +55,45 @@ async def upload_part(
     return await client.call("UploadPart", NO_UPLOAD_CODES, **params)
 
 
+async def settled(step: Awaitable[_T]) -> _T:
+    """Await ``step`` to its end even if cancelled meanwhile, then re-raise the
+    cancellation: a record or staged PUT already sent may land whether or not
+    its answer is awaited, and the clean-up after a cancellation must know."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        except BaseException:
+            if cancelled:
+                raise asyncio.CancelledError from None
+            raise
+        break
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> None:
+    """Close a chunk stream the write stops reading early (if it can be closed)."""
+    closer = getattr(chunks, "aclose", None)
+    if closer is None:
+        return
+    try:
+        await closer()
+    except Exception:
+        log.debug("closing the chunk stream failed", exc_info=True)
+
+
+def bare_etag(etag: object) -> str:
+    return str(etag).strip('"')
+
+
 @dataclass
 class WriteState:
     """Bookkeeping shared by a write's main loop and its part-upload tasks."""
@@ -69,8 +114,15 @@ class WriteState:
     done: set[int] = field(default_factory=set)
     #: Part number -> (offset at its end, CRC32C of [0, that offset)).
     boundaries: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: Part number -> the part as it landed (ETag, its CRC32C), for the record.
+    landed: dict[int, Part] = field(default_factory=dict)
     failure: BaseException | None = None
     buffered: int = 0
+    #: Whether the record was read from the bucket for this write; if not, it
+    #: is read before the first part upload.
+    fresh: bool = True
+    #: CRC32C of the upload at the record's offset when the write began.
+    start_crc: int = 0
     #: Segments this write began to stage: a cancellation deletes those the
     #: record does not name.
     staging: list[Segment] = field(default_factory=list)

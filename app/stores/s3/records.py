@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -57,6 +57,19 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Part:
+    """A part the record accounts for: what completion asks S3 to assemble."""
+
+    #: UploadPart's ETag, without quotes (MD5 of the bytes on AWS, MinIO, moto).
+    etag: str
+    #: CRC32C of the part's bytes (0 when the upload sends no part checksums).
+    crc32c: int
+    #: CRC32C of the upload's bytes up to the part's end, so the record can be
+    #: rolled back to just before any part.
+    end_crc32c: int
+
+
+@dataclass(frozen=True)
 class Record:
     name: str
     session_id: str
@@ -77,8 +90,14 @@ class Record:
     staged: tuple[Segment, ...] = ()
     #: CRC32C of the staged bytes alone: the start of the next part's checksum.
     tail_crc32c: int = 0
+    #: Writes so far that staged a remainder shorter than a granule: a budget
+    #: (see ``writer.SMALL_WRITE_BUDGET``) that keeps tiny chunks cheap.
+    small_writes: int = 0
     completed: CompletedObject | None = None
     target: str | None = None
+    #: Parts 1..offset // part_size as their writer recorded them; None for a
+    #: record written before parts were recorded (completion lists those).
+    parts: tuple[Part, ...] | None = ()
 
     @property
     def object_name(self) -> str:
@@ -92,6 +111,9 @@ class Record:
             "checksum_algorithm": self.checksum_algorithm,
             "staged": [[s.start, s.length, s.crc32c, s.token] for s in self.staged],
             "tail_crc32c": self.tail_crc32c,
+            "small_writes": self.small_writes,
+            "parts": None if self.parts is None
+            else [[p.etag, p.crc32c, p.end_crc32c] for p in self.parts],
         }
         # ASCII escapes keep any metadata text encodable.
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
@@ -108,6 +130,10 @@ class Record:
                 Segment(int(a), int(b), int(c), str(t)) for a, b, c, t in doc.get("staged", [])
             ),
             tail_crc32c=int(doc.get("tail_crc32c", 0)),
+            small_writes=int(doc.get("small_writes", 0)),
+            parts=None if doc.get("parts") is None else tuple(
+                Part(str(e), int(c), int(x)) for e, c, x in doc["parts"]
+            ),
         )
 
     def to_info(self, version: str | None) -> UploadInfo:
@@ -193,24 +219,45 @@ class Layout:
 # -- reading and writing records ---------------------------------------------------
 
 
+#: Records this process read or wrote last, kept so that a write right after
+#: a read of the same version needs no second GET.
+_KNOWN_RECORDS = 1024
+
+
 class Records:
     """Session records in the bucket, read and written conditionally."""
 
     def __init__(self, client: S3Client, layout: Layout) -> None:
         self._client = client
         self._layout = layout
+        self._known: OrderedDict[str, tuple[str, Record]] = OrderedDict()
+
+    def known(self, name: str, etag: str | None) -> Record | None:
+        """The record of ``name`` at version ``etag`` if this process has seen
+        it. Possibly stale: a conditional write at ``etag`` is the check."""
+        entry = self._known.get(name)
+        return entry[1] if entry is not None and etag is not None and entry[0] == etag else None
+
+    def _remember(self, record: Record, etag: str) -> None:
+        self._known[record.name] = (etag, record)
+        self._known.move_to_end(record.name)
+        while len(self._known) > _KNOWN_RECORDS:
+            self._known.popitem(last=False)
 
     async def read(self, name: str) -> tuple[Record, str] | None:
         """The record of ``name`` and its ETag; None if there is none."""
         loaded = await self._client.get_bytes(self._layout.record_key(name))
         if loaded is None:
+            self._known.pop(name, None)
             return None
         raw, etag = loaded
         try:
-            return Record.from_json(raw), etag
+            record = Record.from_json(raw)
         except (ValueError, KeyError, TypeError) as exc:
             log.error("session record of %r is damaged: %r", name, exc)
             raise StorageUnavailable(f"the session record of {name!r} is unreadable") from None
+        self._remember(record, etag)
+        return record, etag
 
     async def load(self, name: str) -> tuple[Record, str]:
         """Like ``read``, but ``UploadNotFound`` if there is no record."""
@@ -246,9 +293,12 @@ class Records:
                 f"another writer changed {record.name!r}; it holds {current[0].offset} bytes",
                 offset=current[0].offset,
             ) from None
-        return str(result["ETag"])
+        etag = str(result["ETag"])
+        self._remember(record, etag)
+        return etag
 
     async def delete(self, name: str) -> None:
+        self._known.pop(name, None)
         await self._client.call("DeleteObject", Key=self._layout.record_key(name))
 
     async def scan(self) -> AsyncIterator[tuple[str, dict[str, Any], tuple[bytes, str] | None]]:

@@ -21,6 +21,21 @@ The record's ETag is the ``UploadInfo.version``; every record update is a
 conditional PUT (``IfMatch``/``IfNoneMatch``), so two processes can never both
 advance one upload. Nothing here ever touches local disk.
 
+The record also names every part it accounts for (ETag, CRC32C), and
+completion assembles exactly those, never what ListParts holds. UploadPart
+takes no condition, so a writer that lost the race for the record can still
+overwrite a part late, even an acknowledged one. Completion compares S3's
+ETags with the record's first (and CompleteMultipartUpload compares them
+again, answering ``InvalidPart``): a differing staged tail is uploaded again;
+a differing full part makes ``finish`` roll the record back to that part's
+start and return the upload unfinished, so the client is asked for those bytes
+again (308 with the lower ``Range``). That was chosen over refusing to
+complete: the bytes are usually still at the client (files, buffered chunks),
+refusing would throw away an upload that can be repaired, and the state after
+the rollback is exactly what S3 holds that the record can vouch for. A client
+that cannot go back (ours, when it had an acknowledgement beyond that point)
+reports the loss clearly instead of getting another writer's bytes.
+
 ``S3Store`` checks each request against ``app.core.rules`` and composes
 collaborators that each own one concern:
 
@@ -51,11 +66,12 @@ from typing import Any
 from app.config import StorageConfig
 from app.core import rules
 from app.core.model import PendingCallback, UploadInfo, oldest_first
-from app.errors import BadRequest, OffsetMismatch, UploadError, UploadNotFound
+from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
-from app.stores.s3.completion import Completion, object_metadata
+from app.stores.s3.completion import Completion, PartOverwritten, object_metadata
 from app.stores.s3.errors import S3Refusal
+from app.stores.s3.markers import Markers
 from app.stores.s3.parts import BufferGauge
 from app.stores.s3.records import Layout, Record, Records
 from app.stores.s3.staged import StagedData
@@ -66,6 +82,8 @@ log = logging.getLogger("app.stores.s3")
 
 #: The staged-bytes cache holds this many (configured) parts' worth in total.
 _CACHE_PARTS = 4
+#: S3's longest object key, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
 
 
 class S3Store:
@@ -88,7 +106,9 @@ class S3Store:
         self._writer = Writer(client, self._layout, self.records, self._staged, self._gauge,
                               parts_in_flight=config.parts_in_flight)
         self._completion = Completion(client, self._layout, self._staged, self._gauge)
-        self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged)
+        self.markers = Markers(client, self._layout)
+        self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged,
+                                       self.markers)
 
     @classmethod
     async def open(cls, config: StorageConfig) -> S3Store:
@@ -107,6 +127,23 @@ class S3Store:
     @property
     def client(self) -> S3Client:
         return self._client
+
+    @property
+    def max_name_bytes(self) -> int:
+        """Longest object name (UTF-8 bytes) this store can keep: S3's 1,024-byte
+        keys less the configured prefix."""
+        return MAX_KEY_BYTES - len(self._layout.prefix.encode("utf-8"))
+
+    def _check_name_fits(self, name: str) -> None:
+        # Checked before anything is created: S3 would refuse the key with
+        # KeyTooLongError only at CreateMultipartUpload, after the name passed
+        # the protocol's own 1,024-byte limit.
+        if len(name.encode("utf-8", "surrogatepass")) > self.max_name_bytes:
+            raise InvalidName(
+                f"the upload name is longer than {self.max_name_bytes} UTF-8 bytes, the most "
+                f"S3's 1024-byte keys leave after this service's key prefix "
+                f"({self._layout.prefix!r})"
+            )
 
     # -- observation ----------------------------------------------------------
 
@@ -143,6 +180,7 @@ class S3Store:
         owner: str | None,
         target: str | None = None,
     ) -> UploadInfo:
+        self._check_name_fits(name if target is None else target)
         part_size = rules.part_size_for_new(total, self._config.part_size)
         session_id = uuid.uuid4().hex
         params: dict[str, Any] = {
@@ -151,16 +189,10 @@ class S3Store:
             "Metadata": object_metadata(metadata, session_id),
         }
         old = await self.records.read(name)
-        if self._checksums:
-            params["ChecksumAlgorithm"] = "CRC32C"
-        try:
-            created = await self._client.call("CreateMultipartUpload", {"MetadataTooLarge"},
-                                              **params)
-        except S3Refusal as exc:
-            raise BadRequest(f"the upload's metadata is too large for S3: {exc.message}") from None
+        upload_id = await self.begin_multipart(session_id, params)
         now = time.time()
         record = Record(
-            name=name, session_id=session_id, upload_id=str(created["UploadId"]), offset=0,
+            name=name, session_id=session_id, upload_id=upload_id, offset=0,
             total=total, part_size=part_size, crc32c=0, content_type=content_type,
             metadata=dict(metadata), owner=owner, created_at=now, updated_at=now,
             checksum_algorithm="CRC32C" if self._checksums else None, target=target,
@@ -182,6 +214,27 @@ class S3Store:
         log.debug("created S3 upload for %r (session %s)", name, session_id)
         return record.to_info(etag)
 
+    async def begin_multipart(self, session_id: str, params: dict[str, Any]) -> str:
+        """The first half of ``create``: the marker, then the multipart upload
+        (``params`` for CreateMultipartUpload); its upload id. The marker comes
+        first so that an upload whose record never got written (a crash here)
+        is still provably this store's, and swept."""
+        key = str(params["Key"])
+        await self.markers.write(key, session_id)
+        if self._checksums:
+            params = {**params, "ChecksumAlgorithm": "CRC32C"}
+        try:
+            created = await self._client.call("CreateMultipartUpload", {"MetadataTooLarge"},
+                                              **params)
+        except BaseException as exc:
+            await self.markers.delete(key, session_id)
+            if isinstance(exc, S3Refusal):
+                raise BadRequest(
+                    f"the upload's metadata is too large for S3: {exc.message}"
+                ) from None
+            raise
+        return str(created["UploadId"])
+
     async def get(self, name: str) -> UploadInfo:
         record, etag = await self.records.load(name)
         return record.to_info(etag)
@@ -195,11 +248,17 @@ class S3Store:
     ) -> UploadInfo:
         if info.completed is not None:
             raise UploadNotFound(f"the upload {info.name!r} is already complete")
-        # A fresh read costs one small GET and means a stale writer is refused
-        # before it can overwrite a part another writer already uploaded.
-        record, etag = await self.records.load(info.name)
+        # The record this process just read (the caller's ``get``) saves a
+        # GET: a write that only stages is checked by its conditional record
+        # write, and one that uploads a part reads the record again first, so a
+        # stale writer is refused before it can overwrite another's part.
+        known = self.records.known(info.name, info.version)
+        if known is not None and info.version is not None:
+            record, etag = known, info.version
+        else:
+            record, etag = await self.records.load(info.name)
         settled = rules.check_write(record.to_info(etag), info, total)
-        return await self._writer.write(record, etag, settled, chunks)
+        return await self._writer.write(record, etag, settled, chunks, fresh=known is None)
 
     async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
         if info.completed is not None:
@@ -207,7 +266,10 @@ class S3Store:
         record, etag = await self.records.load(info.name)
         if rules.check_finish(record.to_info(etag), info):
             return record.to_info(etag)
-        completed = replace(await self._completion.complete(record), md5=md5)
+        try:
+            completed = replace(await self._completion.complete(record), md5=md5)
+        except PartOverwritten as exc:
+            return await self._roll_back(record, etag, exc.number)
         done = replace(record, completed=completed, staged=(), tail_crc32c=0,
                        updated_at=completed.completed_at)
         try:
@@ -220,7 +282,27 @@ class S3Store:
                 return again[0].to_info(again[1])
             raise
         await self._staged.discard_session(record.session_id, quiet=True)
+        await self.markers.delete(self._layout.object_key(record.object_name), record.session_id)
         return done.to_info(etag)
+
+    async def _roll_back(self, record: Record, etag: str, number: int) -> UploadInfo:
+        """The record, rolled back to just before part ``number``, which S3 no
+        longer holds as acknowledged: the client is asked for those bytes
+        again (a 308 with the lower ``Range``) rather than given an object
+        with another writer's bytes in it, or refused outright. Parts from
+        ``number`` on are overwritten by the resend and checked again at the
+        next completion."""
+        assert record.parts is not None
+        kept = record.parts[: number - 1]
+        offset = (number - 1) * record.part_size
+        rolled = replace(record, offset=offset, crc32c=kept[-1].end_crc32c if kept else 0,
+                         parts=kept, staged=(), tail_crc32c=0, updated_at=time.time())
+        log.error("upload %r: part %d was overwritten by a writer that lost the session "
+                  "record; rolled back from %d to %d bytes, the client must resend from there",
+                  record.name, number, record.offset, offset)
+        etag = await self.records.put(rolled, if_match=etag)
+        await self._staged.delete(record.session_id, record.staged)
+        return rolled.to_info(etag)
 
     async def cancel(self, name: str, *, session_id: str | None = None) -> None:
         record, etag = await self.records.load(name)
@@ -243,20 +325,22 @@ class S3Store:
                     yield record.to_info(etag)
 
     async def _discard_session_data(self, record: Record, *, quiet: bool) -> None:
+        key = self._layout.object_key(record.object_name)
         try:
-            await self._client.abort_upload(self._layout.object_key(record.object_name),
-                                            record.upload_id)
+            await self._client.abort_upload(key, record.upload_id)
         except UploadError:
             if not quiet:
                 raise
         await self._staged.discard_session(record.session_id, quiet=quiet)
+        await self.markers.delete(key, record.session_id)
 
     async def _abort_quietly(self, record: Record) -> None:
+        key = self._layout.object_key(record.object_name)
         try:
-            await self._client.abort_upload(self._layout.object_key(record.object_name),
-                                            record.upload_id)
+            await self._client.abort_upload(key, record.upload_id)
         except UploadError:
-            pass  # logged by the client; an unaborted MPU only costs storage until swept
+            return  # logged by the client; the marked MPU only costs storage until swept
+        await self.markers.delete(key, record.session_id)
 
     # -- HealthCheck --------------------------------------------------------
 

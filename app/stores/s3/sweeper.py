@@ -4,9 +4,10 @@ was written, a record whose multipart upload was aborted by a ``cancel`` that
 died half-way, staged objects of a losing or crashed write).
 
 Everything ``remove_orphan`` re-checks comes from the bucket or from the
-``Orphan`` itself, so one process may find orphans and another remove them. It
-assumes no other store, or anything else, keeps multipart uploads under this
-store's prefix.
+``Orphan`` itself, so one process may find orphans and another remove them. Other
+applications may keep multipart uploads under the same prefix (with prefix
+``""``, anywhere in the bucket): only an upload this store marked
+(``markers.py``) is ever swept, never anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from app.stores.s3.errors import (
     UNSUPPORTED_CODES,
     S3Refusal,
 )
+from app.stores.s3.markers import Markers
 from app.stores.s3.records import (
     READ_CONCURRENCY,
     SESSION_META,
@@ -75,7 +77,8 @@ class S3OrphanSweeper:
     """``OrphanSweeper`` over one S3 store's prefix."""
 
     def __init__(self, client: S3Client, layout: Layout, records: Records,
-                 staged: StagedData) -> None:
+                 staged: StagedData, markers: Markers) -> None:
+        self._markers = markers
         self._client = client
         self._layout = layout
         self._records = records
@@ -87,11 +90,19 @@ class S3OrphanSweeper:
         # started after a listing is then either seen by a later one or younger
         # than the cutoff, so a fresh upload never looks orphaned.
         uploads = [upload async for upload in self._list_uploads()]
+        # Markers are written before their upload is created, so every marker
+        # of a listed upload is in this later listing.
+        markers = await self._markers.index()
+        marked = {
+            upload.upload_id: marker.key for upload in uploads
+            if (marker := self._markers.marking(markers, upload.key, upload.initiated))
+        }
+        uploads = [upload for upload in uploads if upload.upload_id in marked]
         index = await self._index_sessions({u.upload_id for u in uploads}, cutoff)
         if index.unreadable:
             log.warning("%d session records are unreadable: multipart uploads and staged "
                         "data they may refer to are not swept", len(index.unreadable))
-        orphans = await self._orphan_uploads(uploads, index, cutoff)
+        orphans = await self._orphan_uploads(uploads, index, cutoff, marked)
         orphans += await self._orphan_records(index)
         orphans += await self._orphan_staged(index, cutoff)
         return orphans
@@ -135,7 +146,8 @@ class S3OrphanSweeper:
         return index
 
     async def _orphan_uploads(
-        self, uploads: list[_ListedUpload], index: _SessionIndex, cutoff: float
+        self, uploads: list[_ListedUpload], index: _SessionIndex, cutoff: float,
+        marked: dict[str, str],
     ) -> list[Orphan]:
         candidates = [
             upload for upload in uploads
@@ -150,7 +162,7 @@ class S3OrphanSweeper:
         )
         return [
             Orphan("multipart_upload", upload.key, upload_id=upload.upload_id, size=size,
-                   last_modified=upload.initiated)
+                   last_modified=upload.initiated, owner=marked[upload.upload_id])
             for upload, size in zip(candidates, sizes, strict=True)
             if size is not None  # aborted or completed since it was listed
         ]
@@ -191,18 +203,24 @@ class S3OrphanSweeper:
         name = self._layout.name_of(orphan.key)
         if upload_id is None or name is None:
             raise NotAnOrphan("not a multipart upload of this store")
+        marker = orphan.owner
+        if not marker or not marker.startswith(self._markers.root()):
+            raise NotAnOrphan("no marker of this store says the multipart upload is its own")
         size = await self._client.upload_size(orphan.key, upload_id)
         if size is None:
             return 0  # aborted by someone else meanwhile
+        if not await self._markers.still_marks(marker, orphan.last_modified):
+            # Only what this store provably created is ever aborted.
+            raise NotAnOrphan("no marker of this store says the multipart upload is its own")
         # Checked last, right before the abort: a create that was slow to
         # write its record may have done so since the sweep listed it.
         current = await self._records.read(name)
         if current is not None and current[0].upload_id == upload_id \
                 and current[0].completed is None:
             raise NotAnOrphan(f"the session record of {name!r} refers to it")
-        if not await self._client.abort_upload(orphan.key, upload_id):
-            return 0
-        return size
+        aborted = await self._client.abort_upload(orphan.key, upload_id)
+        await self._client.delete_keys([marker], quiet=True)
+        return size if aborted else 0
 
     async def _remove_record(self, orphan: Orphan) -> int:
         if not self._layout.is_record_key(orphan.key):
@@ -224,6 +242,8 @@ class S3OrphanSweeper:
             return 0
         # With the record gone nothing can read its staged data any more.
         await self._staged.delete(record.session_id, record.staged)
+        await self._markers.delete(self._layout.object_key(record.object_name),
+                                   record.session_id)
         self._staged.forget(record.session_id)
         return len(raw) + sum(segment.length for segment in record.staged)
 

@@ -14,65 +14,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import replace
-from typing import TypeVar
 
 from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
-from app.errors import TooLarge, TotalMismatch, UploadError
+from app.errors import OffsetMismatch, TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
-from app.stores.s3.parts import BufferGauge, Fill, WriteState, upload_part
-from app.stores.s3.records import Layout, Record, Records
+from app.stores.s3.parts import (
+    BufferGauge,
+    Fill,
+    WriteState,
+    bare_etag,
+    close_quietly,
+    settled,
+    upload_part,
+)
+from app.stores.s3.records import Layout, Part, Record, Records
 from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
 
-#: Past this many staged segments in one part, a write folds them into one
-#: object, so a client sending tiny chunks cannot grow the record without bound.
-MAX_STAGED_SEGMENTS = 32
+#: A write that does not complete the upload keeps a remainder past the last
+#: full part only in whole granules (from the part's start) once the upload
+#: has used up its budget of small writes. Every staged byte is then written to
+#: S3 twice at most (staged, then in its part), never re-uploaded by folding
+#: segments together, and a record names at most the budget plus
+#: part / granule + 1 segments. Google asks for 256 KiB multiples too. With an
+#: unknown total the end of a stream can be the end of the object only for a
+#: plain PUT, which is a single write of a new upload: the budget is never
+#: spent by then.
+GRANULE = 256 * 1024
+#: Granules per part at most: bigger parts (objects over 160 GiB) get bigger
+#: granules, so the record stays small.
+MAX_GRANULES = 64
+#: Writes of an upload that stage a remainder shorter than ``GRANULE`` in full.
+SMALL_WRITE_BUDGET = 64
 #: Bound on the clean-up after a cancellation: a cancelled (often timed-out)
 #: write must not linger; what it leaves is garbage the orphan sweep finds.
 _CANCEL_CLEANUP_SECONDS = 10.0
 
-_T = TypeVar("_T")
-
-
-async def settled(step: Awaitable[_T]) -> _T:
-    """Await ``step`` to its end even if cancelled meanwhile, then re-raise the
-    cancellation: a record or staged PUT already sent may land whether or not
-    its answer is awaited, and the clean-up after a cancellation must know."""
-    task = asyncio.ensure_future(step)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-            continue
-        except BaseException:
-            if cancelled:
-                raise asyncio.CancelledError from None
-            raise
-        break
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
-
-
-async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> None:
-    """Close a chunk stream the write stops reading early (if it can be closed)."""
-    closer = getattr(chunks, "aclose", None)
-    if closer is None:
-        return
-    try:
-        await closer()
-    except Exception:
-        log.debug("closing the chunk stream failed", exc_info=True)
+def granule_of(part_size: int) -> int:
+    """The granule of non-final writes for parts of ``part_size``."""
+    return max(GRANULE, -(-part_size // (MAX_GRANULES * GRANULE)) * GRANULE)
 
 
 class Writer:
@@ -88,13 +74,15 @@ class Writer:
         self._parts_in_flight = parts_in_flight
 
     async def write(self, record: Record, etag: str, total: int | None,
-                    chunks: AsyncIterable[bytes]) -> UploadInfo:
-        """Append ``chunks`` to the upload ``record`` (at ``etag``) describes."""
+                    chunks: AsyncIterable[bytes], *, fresh: bool = True) -> UploadInfo:
+        """Append ``chunks`` to the upload ``record`` (at ``etag``) describes;
+        ``fresh``: the record was just read from the bucket."""
         first_part = record.offset // record.part_size + 1
         state = WriteState(
             record=record, etag=etag, total=total, prefix=record.staged,
             first_part=first_part, committed_part=first_part - 1,
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
+            fresh=fresh, start_crc=record.crc32c,
         )
         try:
             return await self._write(state, chunks)
@@ -216,6 +204,15 @@ class Writer:
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
         assert fill.buf is not None
+        if not state.fresh:
+            # UploadPart takes no condition: make sure no other writer moved
+            # the record before overwriting a part number it may have used.
+            current = await self._records.load(state.record.name)
+            if current[1] != state.etag:
+                raise OffsetMismatch(
+                    f"another writer changed {state.record.name!r}; it holds "
+                    f"{current[0].offset} bytes", offset=current[0].offset)
+            state.fresh = True
         # Waiting here while holding the full buffer is what bounds memory to
         # (parts_in_flight + 1) parts per write.
         await state.semaphore.acquire()
@@ -238,7 +235,12 @@ class Writer:
         try:
             if prefix_len:
                 await self._staged.fill(state.record, state.prefix, buf)
-            await upload_part(self._client, self._layout, state.record, number, buf, part_crc)
+            result = await upload_part(self._client, self._layout, state.record, number, buf,
+                                       part_crc)
+            # What this write uploaded is what the record will name: completion
+            # assembles exactly these ETags, never whatever S3 lists later.
+            state.landed[number] = Part(bare_etag(result["ETag"]), part_crc,
+                                        state.boundaries[number][1])
             state.done.add(number)
         except Exception as exc:
             state.fail(exc)
@@ -262,8 +264,12 @@ class Writer:
             if last == state.committed_part:
                 return
             end, end_crc = state.boundaries[last]
+            parts = state.record.parts
+            if parts is not None:
+                parts = (*parts, *(state.landed[n]
+                                   for n in range(state.committed_part + 1, last + 1)))
             record = replace(state.record, offset=end, crc32c=end_crc, total=state.total,
-                             staged=(), tail_crc32c=0, updated_at=time.time())
+                             staged=(), tail_crc32c=0, updated_at=time.time(), parts=parts)
             state.etag = await settled(self._records.put(record, if_match=state.etag))
             state.record = record
             state.committed_part = last
@@ -274,6 +280,9 @@ class Writer:
         # A staged tail is always shorter than a part: the loop uploads every
         # part it fills, so a full buffer never reaches this point.
         assert fill.buf is None or fill.pos < fill.length
+        small_writes = state.record.small_writes
+        if fill.buf is not None and fill.pos > fill.new_from:
+            small_writes += self._trim_to_granules(state, fill)
         if fill.buf is not None and fill.pos > fill.new_from:
             data, start = await self._remainder(state, fill)
             state.release(len(fill.buf))
@@ -288,20 +297,45 @@ class Writer:
                                                   state.record.total):
             updated = replace(state.record, offset=fill.offset, crc32c=fill.crc,
                               total=state.total, staged=staged, tail_crc32c=tail_crc,
-                              updated_at=time.time())
+                              updated_at=time.time(), small_writes=small_writes)
             state.etag = await settled(self._records.put(updated, if_match=state.etag))
             state.record = updated
+
+    @staticmethod
+    def _trim_to_granules(state: WriteState, fill: Fill) -> int:
+        """Keep out of this write the bytes past its last whole granule when
+        the budget of small writes is spent; 1 if the write counts as a small one."""
+        if fill.offset == state.total:
+            return 0
+        granule = granule_of(fill.size)
+        new = fill.pos - fill.new_from
+        if state.record.small_writes < SMALL_WRITE_BUDGET:
+            return 1 if new < granule else 0
+        keep = fill.pos // granule * granule
+        if keep >= fill.pos:
+            return 0
+        if keep <= fill.new_from:
+            keep = fill.new_from  # not a whole granule of new bytes: none are kept
+        assert fill.buf is not None
+        # The CRC32C at the cut, from where this write's bytes in the part begin.
+        if fill.new_from and fill.number == state.first_part:
+            crc, part_crc = state.start_crc, state.record.tail_crc32c
+        elif fill.number - 1 in state.boundaries:
+            crc, part_crc = state.boundaries[fill.number - 1][1], 0
+        else:
+            crc, part_crc = state.start_crc, 0
+        kept = bytes(memoryview(fill.buf)[fill.new_from : keep])
+        fill.crc = crc32c_extend(crc, kept)
+        if state.record.checksum_algorithm:
+            fill.part_crc = crc32c_extend(part_crc, kept)
+        fill.offset -= fill.pos - keep
+        fill.pos = keep
+        return 0
 
     async def _remainder(self, state: WriteState, fill: Fill) -> tuple[bytes, int]:
         """The bytes to stage after the last full part, and their start offset."""
         assert fill.buf is not None
-        record = state.record
         new_from = fill.new_from
-        # record.staged is this part's earlier segments when no part was
-        # uploaded in this write, and empty once one was.
-        if record.staged and len(record.staged) + 1 > MAX_STAGED_SEGMENTS:
-            await self._staged.fill(record, record.staged, fill.buf)
-            new_from = 0
         return bytes(memoryview(fill.buf)[new_from : fill.pos]), fill.start + new_from
 
     async def _end_failed_write(self, state: WriteState) -> None:
