@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -125,3 +126,24 @@ async def test_refused_probes_cost_a_running_upload_nothing(proxies, http, main)
     assert resp.status == 200, await resp.text()
     assert writers.takeovers == 0
     assert (await resp.json())["crc32c"] == crc_b64(data)
+
+
+def swap_for_symlink(root: str, folder: str, target: str) -> None:
+    root = os.path.realpath(root)
+    shutil.rmtree(os.path.join(root, folder))
+    os.symlink(target, os.path.join(root, folder), target_is_directory=True)
+
+
+@FS
+async def test_a_store_folder_swapped_for_a_symlink_answers_503(
+    proxies, http, store_harness, tmp_path, caplog
+) -> None:
+    proxy = await proxies.start()
+    outside = str(tmp_path / "elsewhere")
+    os.mkdir(outside)
+    swap_for_symlink(store_harness.storage.filesystem.root, ".uploads/data", outside)
+    async with http.put(f"{proxy.url}/upload/x.bin", data=b"hello") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"] == "storage_unavailable"
+    assert os.listdir(outside) == []
+    assert "'.uploads/data'" in caplog.text and "symbolic link" in caplog.text
