@@ -4,8 +4,10 @@ each test here failed on the code before its fix."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,10 +15,24 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from app.callbacks.intents import notifier_for
+from app.callbacks.notifier import CALLBACK_ID_HEADER
+from app.config import config_from_mapping
 from app.http import keys
+from app.ops.cleanup import run_cleanup
 from tests import test_http
+from tests.s3_faults import Rule, S3FaultProxy
 from tests.test_http import crc_b64, put_range, stored_object
-from tests.test_http_auth import T1, T2, auth_config, callbacks_config, eventually, main, probe_as
+from tests.test_http_auth import (
+    T1,
+    T2,
+    auth_config,
+    callbacks_config,
+    eventually,
+    eventually_async,
+    main,
+    probe_as,
+)
 
 proxies = test_http.proxies
 http = test_http.http
@@ -147,3 +163,131 @@ async def test_a_store_folder_swapped_for_a_symlink_answers_503(
         assert (await resp.json())["error"] == "storage_unavailable"
     assert os.listdir(outside) == []
     assert "'.uploads/data'" in caplog.text and "symbolic link" in caplog.text
+
+
+# -- lost completion callbacks -------------------------------------------------
+
+S3 = pytest.mark.parametrize("store_kind", ["s3"])
+#: The completion's record write: a session record PUT that marks it completed.
+COMPLETION_WRITE = Rule("PUT", "/.uploads/sessions/", b'"completed":{')
+
+
+def s3_via(fault: S3FaultProxy) -> dict[str, Any]:
+    return {"s3": {"endpoint_url": fault.url, "max_attempts": 2}}
+
+
+@S3
+async def test_a_failing_outbox_write_neither_fails_the_upload_nor_loses_its_callback(
+    proxies, http, main, moto_endpoint
+) -> None:
+    async with S3FaultProxy(moto_endpoint) as fault:
+        outbox = fault.add(Rule("PUT", "/.uploads/callbacks/"))
+        proxy = await proxies.start(storage=s3_via(fault),
+                                    callbacks=callbacks_config(main.callback_url))
+        url = f"{proxy.url}/upload/cb/outbox-down.bin"
+        data = os.urandom(3000)
+        resp = await put_range(http, url, data, 0, len(data))
+        assert resp.status == 200, await resp.text()
+        await eventually(lambda: main.answered == [200])
+        _, raw = main.callbacks[0]
+        assert json.loads(raw)["crc32c"] == crc_b64(data)
+        # A repeat request finds nothing owed and sends nothing again.
+        resp = await put_range(http, url, data, 0, len(data))
+        assert resp.status == 200
+        assert len(main.callbacks) == 1
+        assert outbox.hits == 0  # the session record holds the intent, not the outbox
+
+
+async def owed_names(harness: Any) -> list[str]:
+    store = await harness.open()
+    return [i.name async for i in store.list_completed() if i.notify_pending] + [
+        i.name async for i in store.list_unfinished() if i.notify_pending]
+
+
+@S3
+@pytest.mark.parametrize("recovery", ["retry", "restart", "cleanup"])
+async def test_a_failing_completion_write_loses_no_callback(
+    proxies, http, main, moto_endpoint, store_harness, recovery
+) -> None:
+    async with S3FaultProxy(moto_endpoint) as fault:
+        rule = fault.add(COMPLETION_WRITE)
+        callbacks = callbacks_config(main.callback_url)
+        proxy = await proxies.start(storage=s3_via(fault), callbacks=callbacks)
+        name = f"cb/completion-{recovery}.bin"
+        url = f"{proxy.url}/upload/{name}"
+        data = os.urandom(3000)
+        resp = await put_range(http, url, data, 0, len(data))
+        # The object is complete in S3, but its record could not say so.
+        assert resp.status == 503, await resp.text()
+        assert rule.hits >= 2  # every attempt failed, not only the first
+        assert main.callbacks == []
+        assert await owed_names(store_harness) == [name]
+        fault.rules.clear()
+        if recovery == "retry":
+            resp = await put_range(http, url, data, 0, len(data))
+            assert resp.status == 200
+        elif recovery == "restart":
+            await proxy.stop()
+            await proxies.start(storage=s3_via(fault), callbacks=callbacks)
+        else:
+            await proxy.stop()
+            store = await store_harness.open()
+            async with aiohttp.ClientSession() as session:
+                notifier = notifier_for(
+                    config_from_mapping({"callbacks": callbacks}).callbacks, store, session
+                )
+                # Hours later: the interrupted completion counts as stale, and
+                # still must be finished, never aborted.
+                report = await run_cleanup(store, older_than=3600, now=time.time() + 7200,
+                                           notifier=notifier)
+            assert report.aborted == 0
+            assert (report.callbacks_delivered, report.callbacks_pending) == (1, 0)
+        await eventually(lambda: main.answered == [200])
+        payload = json.loads(main.callbacks[0][1])
+        assert (payload["name"], payload["size"]) == (name, len(data))
+        assert await stored_object(store_harness, name) == data
+        await eventually_async(lambda: _nothing_owed(store_harness))
+
+
+async def _nothing_owed(harness: Any) -> bool:
+    return await owed_names(harness) == []
+
+
+@BOTH
+async def test_a_callback_that_failed_is_sent_again_on_a_repeat_request(
+    proxies, http, main, store_harness
+) -> None:
+    main.callback_statuses = [500, 500]
+    proxy = await proxies.start(callbacks=callbacks_config(main.callback_url, max_attempts=2))
+    url = f"{proxy.url}/upload/cb/again.bin"
+    data = os.urandom(1000)
+    resp = await put_range(http, url, data, 0, len(data))
+    assert resp.status == 200
+    await eventually(lambda: main.answered == [500, 500])
+    assert await owed_names(store_harness) == ["cb/again.bin"]
+    async with http.put(url, headers={"Content-Range": "bytes */*"}) as probe:
+        assert probe.status == 200
+    await eventually(lambda: main.answered == [500, 500, 200])
+    ids = {headers[CALLBACK_ID_HEADER] for headers, _ in main.callbacks}
+    assert len(ids) == 1
+    await eventually_async(lambda: _nothing_owed(store_harness))
+
+
+@BOTH
+async def test_replacing_an_upload_whose_callback_is_owed_keeps_the_callback(
+    proxies, http, main, store_harness
+) -> None:
+    main.callback_statuses = [500, 500]
+    callbacks = callbacks_config(main.callback_url, max_attempts=2)
+    proxy = await proxies.start(callbacks=callbacks)
+    url = f"{proxy.url}/upload/cb/replaced.bin"
+    async with http.put(url, data=b"first") as resp:
+        assert resp.status == 200
+    await eventually(lambda: main.answered == [500, 500])
+    async with http.put(url, data=b"second") as resp:
+        assert resp.status == 200
+    # The first upload's callback went to the outbox before its record was
+    # replaced, and was sent from there.
+    await eventually(lambda: main.answered.count(200) == 2)
+    assert {json.loads(raw)["size"] for _, raw in main.callbacks} == {5, 6}
+    assert len({headers[CALLBACK_ID_HEADER] for headers, _ in main.callbacks}) == 2

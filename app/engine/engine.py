@@ -86,6 +86,11 @@ class Outcome:
 
 
 CompletionHook = Callable[[UploadInfo], Awaitable[None]]
+#: Called with a completed upload whose callback is still pending: on a repeat
+#: request (``replacing`` False: deliver it again if nobody is), and before its
+#: record is replaced or dropped (``replacing`` True: keep the callback
+#: elsewhere, or raise so the record stays).
+NoticeHook = Callable[[UploadInfo, bool], Awaitable[None]]
 
 
 @dataclass
@@ -107,13 +112,17 @@ class UploadEngine:
         *,
         on_start: Callable[[UploadInfo], None] | None = None,
         on_complete: CompletionHook | None = None,
+        on_notice_pending: NoticeHook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """With ``on_notice_pending``, uploads are finished with ``notify``: the
+        store records the intent to notify with the completion."""
         self._store = store
         self._config = config
         self._writers = writers
         self._on_start = on_start
         self._on_complete = on_complete
+        self._on_notice_pending = on_notice_pending
         self._clock = clock
 
     # -- requests ---------------------------------------------------------
@@ -127,6 +136,7 @@ class UploadEngine:
             rules.check_stated_total(info, total)
             if info.is_complete:
                 self._check_completed(info, digests)
+                await self._notice_pending(info, replacing=False)
                 return Outcome(info)
             if total is None or info.offset != total:
                 return Outcome(info)
@@ -172,6 +182,7 @@ class UploadEngine:
             if info.is_complete:
                 rules.check_stated_total(info, chunk.total)
                 self._check_completed(info, digests)
+                await self._notice_pending(info, replacing=False)
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(info, body, lease, plan, digests=digests, check=check)
@@ -222,6 +233,7 @@ class UploadEngine:
     async def cancel(self, name: str, grant: Grant) -> None:
         async with self._exclusive(name, grant):
             info = await self._current(name, grant)
+            await self._notice_pending(info, replacing=True)
             # Only the session that was checked: another process may have
             # replaced it since, and that newer upload is not ours to cancel.
             await self._store.cancel(name, session_id=info.session_id)
@@ -267,9 +279,14 @@ class UploadEngine:
     async def _check_replaceable(self, name: str, grant: Grant) -> None:
         """A new upload may replace an old one only if the owners agree."""
         try:
-            await self._current(name, grant)
+            info = await self._current(name, grant)
         except UploadNotFound:
-            pass
+            return
+        await self._notice_pending(info, replacing=True)
+
+    async def _notice_pending(self, info: UploadInfo, *, replacing: bool) -> None:
+        if info.notify_pending and info.is_complete and self._on_notice_pending is not None:
+            await self._on_notice_pending(info, replacing)
 
     async def _create(
         self,
@@ -445,7 +462,9 @@ class UploadEngine:
                     "the object's md5 differs from what the client sent; "
                     "the upload was discarded, start it again"
                 )
-        done = await self._store.finish(info, md5=md5)
+        done = await self._store.finish(
+            info, md5=md5, notify=self._on_notice_pending is not None
+        )
         log.info("upload %r complete: %d bytes", done.name, done.offset)
         if self._on_complete is not None:
             await self._on_complete(done)

@@ -64,7 +64,8 @@ class MemoryBacking:
 
 
 class MemoryStore:
-    """A ``Store`` (with ``HealthCheck`` and ``CallbackOutbox``) over a ``MemoryBacking``."""
+    """A ``Store`` (with ``HealthCheck``, ``CallbackOutbox`` and ``PendingNotices``)
+    over a ``MemoryBacking``."""
 
     def __init__(
         self,
@@ -152,7 +153,9 @@ class MemoryStore:
             mine = self._append(mine, bytes(chunk))
         return mine
 
-    async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
+    async def finish(
+        self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
+    ) -> UploadInfo:
         stored = self._stored(info.name)
         if rules.check_finish(stored, info):
             return stored
@@ -161,6 +164,7 @@ class MemoryStore:
         done = replace(
             stored,
             updated_at=now,
+            notify_pending=notify,
             completed=CompletedObject(
                 key=stored.object_name,
                 bucket=BUCKET,
@@ -195,6 +199,13 @@ class MemoryStore:
 
     async def check_health(self) -> None:
         return None  # process memory is reachable whenever this code runs
+
+    # -- PendingNotices ------------------------------------------------------
+
+    async def clear_notice(self, name: str, session_id: str) -> None:
+        stored = self.backing.sessions.get(name)
+        if stored is not None and stored.session_id == session_id and stored.notify_pending:
+            self.backing.sessions[name] = replace(stored, notify_pending=False)
 
     # -- CallbackOutbox ------------------------------------------------------
 

@@ -57,7 +57,7 @@ def create(layout: Layout, info: UploadInfo) -> UploadInfo:
         return stamped
 
 
-def finish(layout: Layout, info: UploadInfo, md5: bytes | None) -> UploadInfo:
+def finish(layout: Layout, info: UploadInfo, md5: bytes | None, notify: bool) -> UploadInfo:
     with locked(layout, info.name):
         stored = recovery.load_locked(layout, info.name)
         if rules.check_finish(stored, info):
@@ -77,7 +77,11 @@ def finish(layout: Layout, info: UploadInfo, md5: bytes | None) -> UploadInfo:
                 completed_at=now,
                 md5=md5,
             )
-            done = sidecars.stamp(replace(stored, updated_at=now, completed=completed))
+            # The intent to notify goes in the same atomic sidecar write that
+            # marks the upload completed: there is no moment without it.
+            done = sidecars.stamp(
+                replace(stored, updated_at=now, completed=completed, notify_pending=notify)
+            )
             sidecars.write(layout, done)
             try:
                 rename_into(layout, dir_fd, target, leaf, data_path)
@@ -127,3 +131,11 @@ def cancel(layout: Layout, name: str, session_id: str | None) -> None:
         else:
             fsio.remove(data_path, "discard the data of", fsync=layout.fsync)
         sidecars.remove(layout, name)
+
+
+def clear_notice(layout: Layout, name: str, session_id: str) -> None:
+    with locked(layout, name):
+        stored = sidecars.read(layout, name)
+        if stored is None or stored.session_id != session_id or not stored.notify_pending:
+            return
+        sidecars.write(layout, replace(stored, notify_pending=False))

@@ -134,9 +134,11 @@ class FilesystemStore:
         await fsio.in_thread(check_folders, self._layout)
         return await append.write(self._layout, info, chunks, total)
 
-    async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
+    async def finish(
+        self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
+    ) -> UploadInfo:
         check_session_name(self._layout, info.name)
-        return await self._run(sessions.finish, self._layout, info, md5)
+        return await self._run(sessions.finish, self._layout, info, md5, notify)
 
     async def cancel(self, name: str, *, session_id: str | None = None) -> None:
         check_session_name(self._layout, name)
@@ -160,6 +162,12 @@ class FilesystemStore:
 
     async def check_health(self) -> None:
         await self._run(_check_health, self._layout)
+
+    # -- PendingNotices ------------------------------------------------------
+
+    async def clear_notice(self, name: str, session_id: str) -> None:
+        check_session_name(self._layout, name)
+        await self._run(sessions.clear_notice, self._layout, name, session_id)
 
     # -- CallbackOutbox ------------------------------------------------------
 

@@ -79,6 +79,7 @@ class Record:
     tail_crc32c: int = 0
     completed: CompletedObject | None = None
     target: str | None = None
+    notify_pending: bool = False
 
     @property
     def object_name(self) -> str:
@@ -121,6 +122,7 @@ class Record:
 _SESSION_FIELDS = (
     "name", "session_id", "offset", "total", "part_size", "crc32c", "content_type",
     "metadata", "owner", "created_at", "updated_at", "completed", "target",
+    "notify_pending",
 )
 
 

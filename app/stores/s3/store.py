@@ -201,12 +201,21 @@ class S3Store:
         settled = rules.check_write(record.to_info(etag), info, total)
         return await self._writer.write(record, etag, settled, chunks)
 
-    async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
+    async def finish(
+        self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
+    ) -> UploadInfo:
         if info.completed is not None:
             return info
         record, etag = await self.records.load(info.name)
         if rules.check_finish(record.to_info(etag), info):
             return record.to_info(etag)
+        if notify and not record.notify_pending:
+            # The intent first: CompleteMultipartUpload and the record write
+            # after it are two steps, and a crash between them must not lose
+            # the callback. An unfinished record carrying the intent is
+            # finished by start-up and the cleanup job.
+            record = replace(record, notify_pending=True)
+            etag = await self.records.put(record, if_match=etag)
         completed = replace(await self._completion.complete(record), md5=md5)
         done = replace(record, completed=completed, staged=(), tail_crc32c=0,
                        updated_at=completed.completed_at)
@@ -264,6 +273,20 @@ class S3Store:
         key = f"{self._layout.reserved}health/{self._instance}"
         await self._client.call("PutObject", Key=key, Body=b"ok")
         await self._client.call("DeleteObject", Key=key)
+
+    # -- PendingNotices -------------------------------------------------------
+
+    async def clear_notice(self, name: str, session_id: str) -> None:
+        loaded = await self.records.read(name)
+        if loaded is None:
+            return
+        record, etag = loaded
+        if record.session_id != session_id or not record.notify_pending:
+            return
+        try:
+            await self.records.put(replace(record, notify_pending=False), if_match=etag)
+        except (OffsetMismatch, UploadNotFound):
+            pass  # replaced, forgotten or cleared by another process meanwhile
 
     # -- CallbackOutbox -----------------------------------------------------
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.stores.base import CallbackOutbox, HealthCheck
+from app.stores.base import CallbackOutbox, HealthCheck, PendingNotices
 from tests.stores.kit.harness import Harness, KitTests
+from tests.stores.kit.helpers import append, new_upload
 
 
 class CapabilityTests(KitTests):
@@ -33,3 +34,33 @@ class CapabilityTests(KitTests):
         await again.delete_pending("cb-1")
         await again.delete_pending("never-saved")
         assert await store.list_pending() == [("cb/2 odd id", binary)]
+
+    async def test_pending_notice_is_recorded_with_the_completion_and_cleared(
+        self, harness: Harness
+    ) -> None:
+        store = await harness.open()
+        if not isinstance(store, PendingNotices):
+            pytest.skip(f"{type(store).__name__} does not offer PendingNotices")
+        info = await append(store, await new_upload(store, "owed.bin", total=5), b"hello")
+        done = await store.finish(info, notify=True)
+        assert done.notify_pending and done.is_complete
+        quiet = await store.finish(
+            await append(store, await new_upload(store, "quiet.bin", total=2), b"hi")
+        )
+        assert not quiet.notify_pending
+        # Durable: another instance sees it, and a repeat finish keeps it.
+        again = await harness.open()
+        assert isinstance(again, PendingNotices)
+        assert (await again.get("owed.bin")).notify_pending
+        assert (await again.finish(done, notify=False)).notify_pending
+        owed = [i.name async for i in again.list_completed() if i.notify_pending]
+        assert owed == ["owed.bin"]
+        # Another session's id, or a name without a record, changes nothing.
+        await again.clear_notice("owed.bin", "not-the-session")
+        await again.clear_notice("never.bin", done.session_id)
+        assert (await store.get("owed.bin")).notify_pending
+        await again.clear_notice("owed.bin", done.session_id)
+        await again.clear_notice("owed.bin", done.session_id)
+        cleared = await store.get("owed.bin")
+        assert not cleared.notify_pending
+        assert cleared.completed == done.completed
