@@ -31,7 +31,8 @@ class Rule:
     action: Literal["fail", "hold"] = "fail"
     #: Requests this rule acted on.
     hits: int = 0
-    #: Set when a request is being held (``action == "hold"``).
+    #: Set when a request is being held (``action == "hold"``: held until
+    #: ``release``, then failed).
     holding: asyncio.Event = field(default_factory=asyncio.Event)
     #: Holds end when this is set.
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,8 +82,11 @@ class S3FaultProxy:
                 if rule.action == "fail":
                     return web.Response(status=503, body=SLOW_DOWN,
                                         content_type="application/xml")
+                # Held, then failed: a held request never reaches moto, so a
+                # process killed meanwhile never made that write.
                 rule.holding.set()
                 await rule.release.wait()
+                return web.Response(status=503, body=SLOW_DOWN, content_type="application/xml")
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP_REQUEST}
         async with self._session.request(
