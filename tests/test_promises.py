@@ -34,6 +34,7 @@ from tests.test_http_auth import (
     eventually,
     eventually_async,
     main,
+    owner_by_token,
     probe_as,
 )
 
@@ -385,3 +386,60 @@ async def test_kill_9_while_completing_loses_no_callback(
         finally:
             await first.kill()
             await second.kill()
+
+
+# -- ownership outlives the session record -------------------------------------
+
+T3 = {"Authorization": "Bearer t3"}  # u2 again, and the webhook lets it replace
+
+
+async def owners_with_replace(document: dict[str, Any]) -> web.StreamResponse:
+    token = document["headers"].get("Authorization", "")
+    if token == T3["Authorization"]:
+        return web.json_response({"owner": "u2", "allow_replace": True})
+    return await owner_by_token(document)
+
+
+async def forget_completed_records(harness: Any) -> None:
+    store = await harness.open()
+    report = await run_cleanup(store, older_than=3600, now=time.time() + 7200)
+    assert report.forgotten >= 1
+
+
+@BOTH
+@pytest.mark.parametrize("record_gone_by", ["cleanup", "delete"])
+async def test_another_owner_cannot_replace_an_object_once_its_record_is_gone(
+    proxies, http, main, store_harness, record_gone_by
+) -> None:
+    main.auth = owners_with_replace
+    proxy = await proxies.start(auth=auth_config(main.auth_url))
+    name = f"owned/{record_gone_by}.bin"
+    url = f"{proxy.url}/upload/{name}"
+    async with http.put(url, data=b"A's object", headers=T1) as resp:
+        assert resp.status == 200
+    if record_gone_by == "cleanup":
+        await forget_completed_records(store_harness)
+    else:
+        async with http.delete(url, headers=T1) as resp:
+            assert resp.status == 204
+    async with http.put(url, headers={"Content-Range": "bytes */*", **T1}) as resp:
+        assert resp.status == 404  # the record is gone indeed
+    # Every way of starting over is refused for another owner...
+    async with http.put(url, data=b"B's object", headers=T2) as resp:
+        assert resp.status == 403, await resp.text()
+    assert (await put_range(http, url, b"B's", 0, 3, **T2)).status == 403
+    async with http.post(url, headers={"X-Upload-Content-Length": "3", **T2}) as resp:
+        assert resp.status == 403
+    assert await stored_object(store_harness, name) == b"A's object"
+    # ...allowed for the same owner...
+    async with http.put(url, data=b"A again", headers=T1) as resp:
+        assert resp.status == 200
+    assert await stored_object(store_harness, name) == b"A again"
+    # ...and for another one when the webhook says it may replace.
+    async with http.put(url, data=b"B, allowed", headers=T3) as resp:
+        assert resp.status == 200
+    assert await stored_object(store_harness, name) == b"B, allowed"
+    async with http.delete(url, headers=T3) as resp:
+        assert resp.status == 204
+    async with http.put(url, data=b"A once more", headers=T1) as resp:
+        assert resp.status == 403  # now the object is u2's

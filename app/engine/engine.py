@@ -29,7 +29,7 @@ from app.errors import (
     TooLarge,
     UploadNotFound,
 )
-from app.stores.base import Store, UploadInfo
+from app.stores.base import ObjectOwners, Store, UploadInfo
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class UploadEngine:
             except UploadNotFound:
                 if chunk.start != 0 or not creates:
                     raise
+                await self._check_object_owner(name, grant)
                 info = await self._create(name, chunk.total, content_type, {}, grant)
             if info.is_complete:
                 rules.check_stated_total(info, chunk.total)
@@ -201,7 +202,7 @@ class UploadEngine:
         limits = self._limits(grant)
         rules.check_declared_size(content_length, limits)
         async with self._exclusive(name, grant) as lease:
-            await self._check_replaceable(name, grant)
+            await self._check_replaceable(name, grant, name)
             info = await self._create(name, content_length, content_type, {}, grant)
             plan = rules.WritePlan(
                 skip=0, length=content_length, settle_total=None,
@@ -227,7 +228,7 @@ class UploadEngine:
         to ``target``."""
         rules.check_declared_size(total, self._limits(grant))
         async with self._exclusive(name, grant):
-            await self._check_replaceable(name, grant)
+            await self._check_replaceable(name, grant, name if target is None else target)
             return await self._create(name, total, content_type, metadata, grant, target)
 
     async def cancel(self, name: str, grant: Grant) -> None:
@@ -276,13 +277,25 @@ class UploadEngine:
     def _limits(self, grant: Grant) -> rules.Limits:
         return rules.Limits(configured=self._config.max_upload_size, granted=grant.max_size)
 
-    async def _check_replaceable(self, name: str, grant: Grant) -> None:
-        """A new upload may replace an old one only if the owners agree."""
+    async def _check_replaceable(self, name: str, grant: Grant, object_name: str) -> None:
+        """A new upload may replace an old one only if the owners agree: the
+        session's, and the finished object's (kept with the object, so it
+        holds after the session record is forgotten or cancelled)."""
         try:
-            info = await self._current(name, grant)
+            info = await self._store.get(name)
+            owner = rules.replacing_owner(info, grant.owner, allow_replace=grant.allow_replace)
+            rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=owner)
         except UploadNotFound:
+            await self._check_object_owner(object_name, grant)
             return
+        await self._check_object_owner(object_name, grant)
         await self._notice_pending(info, replacing=True)
+
+    async def _check_object_owner(self, object_name: str, grant: Grant) -> None:
+        if grant.owner is None or grant.allow_replace or not isinstance(self._store, ObjectOwners):
+            return  # nothing to compare (one call saved)
+        owner = await self._store.owner_of(object_name)
+        rules.check_replace(owner, grant.owner, allow_replace=grant.allow_replace)
 
     async def _notice_pending(self, info: UploadInfo, *, replacing: bool) -> None:
         if info.notify_pending and info.is_complete and self._on_notice_pending is not None:

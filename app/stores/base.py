@@ -159,6 +159,18 @@ class PendingNotices(Protocol):
         ...
 
 
+@runtime_checkable
+class ObjectOwners(Protocol):
+    """A store that keeps the owner of each finished object with the object
+    itself, so it outlives the session record (forgotten by the cleanup job,
+    or cancelled)."""
+
+    async def owner_of(self, name: str) -> str | None:
+        """The owner recorded when the object at ``name`` was finished; None
+        if there is no object or it was stored without owner."""
+        ...
+
+
 @dataclass(frozen=True)
 class Orphan:
     """Storage left behind by a crash that no live upload refers to."""

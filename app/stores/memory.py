@@ -59,13 +59,16 @@ class MemoryBacking:
     data: dict[str, bytearray] = field(default_factory=dict)
     #: Finished objects, by name.
     objects: dict[str, bytes] = field(default_factory=dict)
+    #: The owner each finished object was stored by, by name (kept with the
+    #: object: it outlives the session record).
+    owners: dict[str, str | None] = field(default_factory=dict)
     #: Completion callbacks not yet delivered, by id.
     callbacks: dict[str, PendingCallback] = field(default_factory=dict)
 
 
 class MemoryStore:
-    """A ``Store`` (with ``HealthCheck``, ``CallbackOutbox`` and ``PendingNotices``)
-    over a ``MemoryBacking``."""
+    """A ``Store`` (with ``HealthCheck``, ``CallbackOutbox``, ``PendingNotices``
+    and ``ObjectOwners``) over a ``MemoryBacking``."""
 
     def __init__(
         self,
@@ -176,6 +179,7 @@ class MemoryStore:
             ),
         )
         self.backing.objects[stored.object_name] = content
+        self.backing.owners[stored.object_name] = stored.owner
         self.backing.sessions[stored.name] = done
         return done
 
@@ -199,6 +203,12 @@ class MemoryStore:
 
     async def check_health(self) -> None:
         return None  # process memory is reachable whenever this code runs
+
+    # -- ObjectOwners ---------------------------------------------------------
+
+    async def owner_of(self, name: str) -> str | None:
+        validate_name(name)
+        return self.backing.owners.get(name) if name in self.backing.objects else None
 
     # -- PendingNotices ------------------------------------------------------
 

@@ -533,7 +533,7 @@ async def test_a_damaged_session_record_is_reported_and_can_be_replaced(
 
 
 STORE_FOLDERS = [".uploads", ".uploads/data", ".uploads/sessions", ".uploads/callbacks",
-                 ".uploads/tmp", ".uploads/locks"]
+                 ".uploads/owners", ".uploads/tmp", ".uploads/locks"]
 
 
 def plant_link(root: Path, folder: str, outside: Path) -> None:

@@ -22,7 +22,7 @@ from app.stores.filesystem import fsio
 
 log = logging.getLogger(__name__)
 
-_SUBDIRS = ("sessions", "data", "callbacks", "tmp", "locks")
+_SUBDIRS = ("sessions", "data", "callbacks", "tmp", "locks", "owners")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ class Layout:
 
     def lock_path(self, name: str) -> str:
         return os.path.join(self.locks_dir, fsio.name_key(name) + ".lock")
+
+    def owner_path(self, name: str) -> str:
+        return os.path.join(self.uploads_dir, "owners", fsio.name_key(name) + ".json")
 
     def callback_path(self, callback_id: str) -> str:
         return os.path.join(self.callbacks_dir, fsio.name_key(callback_id) + ".json")

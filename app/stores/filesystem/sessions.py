@@ -21,7 +21,7 @@ from dataclasses import replace
 from app.core import rules
 from app.core.model import CompletedObject, UploadInfo
 from app.errors import StorageUnavailable, UploadNotFound
-from app.stores.filesystem import fsio, recovery, sidecars
+from app.stores.filesystem import fsio, owners, recovery, sidecars
 from app.stores.filesystem.locks import locked
 from app.stores.filesystem.paths import (
     Layout,
@@ -82,14 +82,19 @@ def finish(layout: Layout, info: UploadInfo, md5: bytes | None, notify: bool) ->
             done = sidecars.stamp(
                 replace(stored, updated_at=now, completed=completed, notify_pending=notify)
             )
-            sidecars.write(layout, done)
+            # The owner goes with the object, before it appears: it must
+            # outlive this sidecar (forgotten by the cleanup job, cancelled).
+            previous_owner = owners.read_raw(layout, target)
+            owners.write(layout, target, stored.owner)
             try:
+                sidecars.write(layout, done)
                 rename_into(layout, dir_fd, target, leaf, data_path)
             except BaseException:
                 # Without the rename the object does not exist: undo the mark so
-                # the upload can be finished again.
+                # the upload can be finished again, and the old object keeps its owner.
                 try:
                     sidecars.write(layout, stored)
+                    owners.restore(layout, target, previous_owner)
                 except StorageUnavailable:
                     log.exception("could not restore the session of %r", info.name)
                 raise

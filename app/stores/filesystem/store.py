@@ -7,6 +7,7 @@ Layout under ``root`` (the resolved ``storage.filesystem.root``)::
     root/.uploads/data/<session_id>         the bytes of an unfinished upload
     root/.uploads/callbacks/<sha256>.json   completion callbacks not yet delivered
     root/.uploads/locks/<sha256>.lock       per-name lock (``flock``) and writer token
+    root/.uploads/owners/<sha256>.json      who stored each finished object
     root/.uploads/tmp/                      temp files of atomic writes, health probes
 
 This module only composes; each job has its own module:
@@ -44,7 +45,7 @@ from app.config import StorageConfig
 from app.core import rules
 from app.errors import StorageUnavailable
 from app.stores.base import UploadInfo
-from app.stores.filesystem import append, fsio, outbox, recovery, sessions, sidecars
+from app.stores.filesystem import append, fsio, outbox, owners, recovery, sessions, sidecars
 from app.stores.filesystem.paths import (
     Layout,
     check_folders,
@@ -162,6 +163,12 @@ class FilesystemStore:
 
     async def check_health(self) -> None:
         await self._run(_check_health, self._layout)
+
+    # -- ObjectOwners ---------------------------------------------------------
+
+    async def owner_of(self, name: str) -> str | None:
+        check_name_text(self._layout, name)
+        return await self._run(owners.owner_of, self._layout, name)
 
     # -- PendingNotices ------------------------------------------------------
 

@@ -36,6 +36,9 @@ READ_CONCURRENCY = 16
 #: Object metadata key tying a finished object to the session that wrote it, so a
 #: retried finish can tell "already completed by me" from "gone".
 SESSION_META = "upload-session"
+#: Object metadata naming the owner the object was stored by (so it outlives
+#: the session record); never taken from user metadata.
+OWNER_META = "upload-owner"
 
 
 # -- the session record ------------------------------------------------------

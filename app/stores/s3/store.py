@@ -54,10 +54,10 @@ from app.core.model import PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
-from app.stores.s3.completion import Completion, object_metadata
+from app.stores.s3.completion import Completion, from_header_value, object_metadata
 from app.stores.s3.errors import S3Refusal
 from app.stores.s3.parts import BufferGauge
-from app.stores.s3.records import Layout, Record, Records
+from app.stores.s3.records import OWNER_META, Layout, Record, Records
 from app.stores.s3.staged import StagedData
 from app.stores.s3.sweeper import S3OrphanSweeper
 from app.stores.s3.writer import Writer
@@ -148,7 +148,7 @@ class S3Store:
         params: dict[str, Any] = {
             "Key": self._layout.object_key(name if target is None else target),
             "ContentType": content_type,
-            "Metadata": object_metadata(metadata, session_id),
+            "Metadata": object_metadata(metadata, session_id, owner),
         }
         old = await self.records.read(name)
         if self._checksums:
@@ -273,6 +273,15 @@ class S3Store:
         key = f"{self._layout.reserved}health/{self._instance}"
         await self._client.call("PutObject", Key=key, Body=b"ok")
         await self._client.call("DeleteObject", Key=key)
+
+    # -- ObjectOwners ---------------------------------------------------------
+
+    async def owner_of(self, name: str) -> str | None:
+        head = await self._client.head(self._layout.object_key(name))
+        if head is None:
+            return None
+        owner = head.get("Metadata", {}).get(OWNER_META)
+        return None if owner is None else from_header_value(str(owner))
 
     # -- PendingNotices -------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.stores.base import CallbackOutbox, HealthCheck, PendingNotices
+from app.stores.base import CallbackOutbox, HealthCheck, ObjectOwners, PendingNotices
 from tests.stores.kit.harness import Harness, KitTests
 from tests.stores.kit.helpers import append, new_upload
 
@@ -64,3 +64,34 @@ class CapabilityTests(KitTests):
         cleared = await store.get("owed.bin")
         assert not cleared.notify_pending
         assert cleared.completed == done.completed
+
+    async def test_object_owner_outlives_the_session_record(self, harness: Harness) -> None:
+        store = await harness.open()
+        if not isinstance(store, ObjectOwners):
+            pytest.skip(f"{type(store).__name__} does not offer ObjectOwners")
+        assert await store.owner_of("owned/a.bin") is None
+        info = await new_upload(store, "owned/a.bin", total=3, owner="Ünïcode owner 42")
+        info = await append(store, info, b"abc")
+        # Unfinished: there is no object yet, so no owner of one.
+        assert await store.owner_of("owned/a.bin") is None
+        await store.finish(info)
+        await store.cancel("owned/a.bin")  # the record goes, the object stays
+        again = await harness.open()
+        assert isinstance(again, ObjectOwners)
+        assert await again.owner_of("owned/a.bin") == "Ünïcode owner 42"
+        # A replacement in progress leaves the finished object's owner alone...
+        other = await append(
+            again, await new_upload(again, "owned/a.bin", total=2, owner="u2"), b"xy")
+        assert await again.owner_of("owned/a.bin") == "Ünïcode owner 42"
+        # ...until it finishes; then the object is the new owner's.
+        await again.finish(other)
+        assert await store.owner_of("owned/a.bin") == "u2"
+        anonymous = await append(
+            store, await new_upload(store, "owned/a.bin", total=1, owner=None), b"z")
+        await store.finish(anonymous)
+        assert await store.owner_of("owned/a.bin") is None
+        # Metadata cannot forge an owner.
+        forged = await new_upload(store, "owned/b.bin", total=1, owner=None,
+                                  metadata={"upload-owner": "u1"})
+        await store.finish(await append(store, forged, b"q"))
+        assert await store.owner_of("owned/b.bin") is None
