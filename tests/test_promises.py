@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -443,3 +444,103 @@ async def test_another_owner_cannot_replace_an_object_once_its_record_is_gone(
         assert resp.status == 204
     async with http.put(url, data=b"A once more", headers=T1) as resp:
         assert resp.status == 403  # now the object is u2's
+
+
+# -- refused bodies are not read ---------------------------------------------------
+
+
+class CountingRelay:
+    """A TCP relay between a client and the server that counts the body bytes
+    it could hand to the server. Its socket to the server has a small send
+    buffer, so what it counts is close to what the server actually read."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.to_server = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> CountingRelay:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.target_port))
+        ureader, uwriter = await asyncio.open_connection(sock=sock)
+        uwriter.transport.set_write_buffer_limits(high=16 * 1024)
+
+        async def up() -> None:
+            while data := await creader.read(16 * 1024):
+                uwriter.write(data)
+                await uwriter.drain()
+                self.to_server += len(data)
+
+        async def down() -> None:
+            while data := await ureader.read(65536):
+                cwriter.write(data)
+                await cwriter.drain()
+            cwriter.write_eof()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+        for w in (uwriter, cwriter):
+            w.close()
+
+
+async def blast(port: int, head: bytes, limit: int) -> tuple[bytes, int]:
+    """Send ``head`` and then body bytes as fast as the connection takes them
+    (up to ``limit``), reading the answer meanwhile; (answer, bytes sent)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+    chunk = b"\0" * 65536
+
+    async def send() -> None:
+        nonlocal sent
+        writer.write(head)
+        while sent < limit:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+
+    async def receive() -> bytes:
+        answer = bytearray()
+        while data := await reader.read(65536):
+            answer += data
+        return bytes(answer)
+
+    sender = asyncio.create_task(send())
+    try:
+        answer = await receive()
+    except ConnectionError:
+        answer = b""
+    sender.cancel()
+    await asyncio.gather(sender, return_exceptions=True)
+    writer.close()
+    return answer, sent
+
+
+@FS
+@pytest.mark.parametrize("refusal", ["webhook_403", "too_large"])
+async def test_a_refused_body_is_not_read(proxies, main, refusal) -> None:
+    async def refuse(document: dict[str, Any]) -> web.StreamResponse:
+        return web.json_response({"message": "go away"}, status=403)
+
+    main.auth = refuse if refusal == "webhook_403" else owner_by_token
+    proxy = await proxies.start(auth=auth_config(main.auth_url),
+                                storage={"max_upload_size": 1000})
+    port = int(proxy.url.rsplit(":", 1)[1])
+    head = (b"PUT /upload/refused.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t1\r\n"
+            b"Content-Length: 1073741824\r\n\r\n")
+    async with CountingRelay(port) as relay:
+        answer, sent = await blast(relay.port, head, limit=512 * MIB)
+    assert relay.to_server < MIB, (relay.to_server, sent)
+    status = {"webhook_403": b"403", "too_large": b"413"}[refusal]
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert b"connection: close" in answer.lower()
