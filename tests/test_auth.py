@@ -227,6 +227,8 @@ async def test_5xx_and_3xx_are_unavailable(webhook, session, status):
         '{"max_size": 1.5}',
         '{"max_size": true}',
         '{"owner": 42}',
+        '{"allow_replace": "yes"}',
+        '{"allow_replace": 1}',
     ],
 )
 async def test_garbage_2xx_is_unavailable(webhook, session, body):

@@ -22,10 +22,12 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from app.callbacks.intents import completion_payload
 from app.callbacks.notifier import (
     CALLBACK_ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    encode,
     verify,
 )
 from app.core.protocol import RESERVED_PREFIX
@@ -210,8 +212,14 @@ def finished_object_exists(harness: StoreHarness, name: str) -> bool:
 
 
 async def pending_callbacks(harness: StoreHarness) -> list[tuple[str, bytes]]:
+    """Callbacks still owed: in the outbox, or as the intent a completed
+    session record carries (the body rebuilt from the record)."""
     store = await harness.open()
-    return await store.list_pending()  # type: ignore[attr-defined]
+    owed = await store.list_pending()  # type: ignore[attr-defined]
+    async for info in store.list_completed():
+        if info.notify_pending:
+            owed.append((info.session_id, encode(completion_payload(info))))
+    return owed
 
 
 def object_key(harness: StoreHarness, name: str) -> str:

@@ -15,7 +15,8 @@ Webhook contract (what the main application implements)::
      "dialect": "upload" | "gcs" | "tus" | "ietf", <dialect facts, e.g. "bucket">}
 
     2xx, empty body or {"metadata": {str: str}, "max_size": int >= 0, "owner": str,
-                        "name": str (the object name, for tus and the IETF draft)}
+                        "name": str (the object name, for tus and the IETF draft),
+                        "allow_replace": bool (may replace another owner's object)}
         -> allowed (every field optional)
     401 / 403 / other 4xx -> refused with that status ({"message": ...} is passed on)
     anything else, timeouts, connection errors, malformed 2xx bodies
@@ -302,7 +303,12 @@ def _parse_grant(body: bytes) -> Grant:
     if name is not None and not isinstance(name, str):
         raise ValueError("name must be a string")
 
-    return Grant(metadata=metadata, max_size=max_size, owner=owner, name=name)
+    allow_replace: Any = document.get("allow_replace", False)
+    if not isinstance(allow_replace, bool):
+        raise ValueError("allow_replace must be true or false")
+
+    return Grant(metadata=metadata, max_size=max_size, owner=owner, name=name,
+                 allow_replace=allow_replace)
 
 
 def _refusal_message(body: bytes) -> str | None:

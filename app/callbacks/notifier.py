@@ -64,12 +64,19 @@ class CompletionNotifier:
         *,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        recorded: Callable[[], Awaitable[list[tuple[str, bytes]]]] | None = None,
+        on_delivered: Callable[[str, bytes], Awaitable[None]] | None = None,
     ) -> None:
+        """``recorded`` lists callbacks whose intent the store keeps in session
+        records (``notify_pending``) rather than in the outbox; ``on_delivered``
+        confirms one there after its 2xx."""
         self._config = config
         self._outbox = outbox
         self._session = session
         self._sleep = sleep
         self._rng = rng
+        self._recorded = recorded
+        self._on_delivered = on_delivered
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         #: False when no receiver is configured; ``notify`` then does nothing.
         self.enabled = bool(config.on_complete_url)
@@ -94,21 +101,32 @@ class CompletionNotifier:
                 self._log_url,
             )
 
-    async def notify(self, payload: Mapping[str, Any], *, callback_id: str | None = None) -> None:
+    async def notify(
+        self,
+        payload: Mapping[str, Any],
+        *,
+        callback_id: str | None = None,
+        recorded: bool = False,
+    ) -> None:
         """Record the callback durably, start delivering it, and return.
 
-        Raises whatever ``save_pending`` raises (``StorageUnavailable``), so the
-        caller does not acknowledge a completion whose callback could be lost.
+        ``recorded``: the store already keeps the intent in the session record
+        (``notify_pending``), so nothing is written here. Otherwise the callback
+        goes to the outbox first, and whatever ``save_pending`` raises
+        (``StorageUnavailable``) is raised, so the caller does not acknowledge
+        a completion whose callback could be lost.
         ``callback_id`` defaults to a fresh uuid4; a caller that may notify the
         same completion twice can pass a stable one so receivers see a duplicate.
+        A callback this instance is delivering already is not started again.
         """
         if not self.enabled:
             return
-        # Serialised once: these exact bytes are stored, signed and sent.
-        body = json.dumps(payload, separators=(",", ":"), default=_jsonable).encode()
+        body = encode(payload)
         callback_id = callback_id or uuid.uuid4().hex
-        if self._outbox is not None:
+        if not recorded and self._outbox is not None:
             await self._outbox.save_pending(callback_id, body)
+        if callback_id in self._in_flight:
+            return
         if self._closing:
             # Shutting down: with an outbox it is durable and the next start-up
             # delivers it; without one there is nothing left to send it.
@@ -119,20 +137,28 @@ class CompletionNotifier:
         # skips it; unmarked by a done callback, which runs even if the task is
         # cancelled before it ever started.
         self._in_flight.add(callback_id)
-        task = asyncio.create_task(self._deliver_tracked(callback_id, body))
+        task = asyncio.create_task(
+            # Confirmed in the record only when the record is where it was
+            # kept: an outbox entry saved because the record is about to be
+            # replaced must not race that replacement with a record write.
+            self._deliver_tracked(callback_id, body, in_outbox=not recorded, confirm=recorded)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _: self._in_flight.discard(callback_id))
 
-    async def deliver(self, callback_id: str, body: bytes) -> bool:
+    async def deliver(
+        self, callback_id: str, body: bytes, *, in_outbox: bool = True, confirm: bool = True
+    ) -> bool:
         """POST until a 2xx or ``max_attempts``; True once delivered and removed
-        from the outbox, False when it stays pending for a later redelivery."""
+        from the outbox (``in_outbox``) and confirmed to the store, False when
+        it stays pending for a later redelivery."""
         reason = ""
         for attempt in range(1, self._config.max_attempts + 1):
             reason = await self._attempt(callback_id, body)
             if not reason:
                 self.delivered += 1
-                await self._forget(callback_id)
+                await self._forget(callback_id, body, in_outbox=in_outbox, confirm=confirm)
                 logger.info(
                     "callback %s delivered on attempt %d", callback_id, attempt
                 )
@@ -159,9 +185,14 @@ class CompletionNotifier:
         Callbacks this instance is already sending are left to that delivery and
         counted as pending. Raises whatever ``list_pending`` raises.
         """
-        if self._outbox is None:
+        if self._outbox is None and self._recorded is None:
             return 0, 0
-        pending = await self._outbox.list_pending()
+        pending = [] if self._outbox is None else await self._outbox.list_pending()
+        in_outbox = {callback_id for callback_id, _ in pending}
+        if self._recorded is not None:
+            # Completions whose intent only the session record holds (the
+            # outbox is not written for them); an id in both is sent once.
+            pending += [p for p in await self._recorded() if p[0] not in in_outbox]
         if not self.enabled:
             if pending:
                 logger.warning(
@@ -177,7 +208,9 @@ class CompletionNotifier:
             async with semaphore:
                 if callback_id in self._in_flight:
                     return False
-                return await self._deliver_tracked(callback_id, body)
+                return await self._deliver_tracked(
+                    callback_id, body, in_outbox=callback_id in in_outbox
+                )
 
         results = await asyncio.gather(*(one(cid, body) for cid, body in todo))
         delivered = sum(results)
@@ -207,10 +240,12 @@ class CompletionNotifier:
                 "they stay pending" if self._outbox is not None else "they are lost",
             )
 
-    async def _deliver_tracked(self, callback_id: str, body: bytes) -> bool:
+    async def _deliver_tracked(
+        self, callback_id: str, body: bytes, *, in_outbox: bool, confirm: bool = True
+    ) -> bool:
         self._in_flight.add(callback_id)
         try:
-            return await self.deliver(callback_id, body)
+            return await self.deliver(callback_id, body, in_outbox=in_outbox, confirm=confirm)
         except Exception:
             # A bug or an outbox failure must not vanish inside a background task.
             logger.exception("callback %s delivery failed unexpectedly", callback_id)
@@ -241,11 +276,14 @@ class CompletionNotifier:
         except aiohttp.ClientError as exc:
             return f"{type(exc).__name__}: {exc}"
 
-    async def _forget(self, callback_id: str) -> None:
-        if self._outbox is None:
-            return
+    async def _forget(
+        self, callback_id: str, body: bytes, *, in_outbox: bool, confirm: bool
+    ) -> None:
         try:
-            await self._outbox.delete_pending(callback_id)
+            if confirm and self._on_delivered is not None:
+                await self._on_delivered(callback_id, body)
+            if in_outbox and self._outbox is not None:
+                await self._outbox.delete_pending(callback_id)
         except Exception as exc:
             # Delivered already; the worst outcome is a duplicate the receiver drops.
             logger.warning(
@@ -257,6 +295,13 @@ class CompletionNotifier:
         # Full jitter: spreads the retries of many callbacks that failed together.
         ceiling = min(MAX_BACKOFF, self._config.backoff * 2 ** (attempt - 1))
         return self._rng() * ceiling
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """The exact bytes stored, signed and sent: the same payload always gives
+    the same bytes, so a callback rebuilt from a session record is identical
+    to the first attempt."""
+    return json.dumps(payload, separators=(",", ":"), default=_jsonable).encode()
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:

@@ -18,3 +18,5 @@ class Grant:
     #: The object name the webhook chose, for dialects where the client names
     #: no object (tus, the IETF draft); None: the dialect's own default.
     name: str | None = None
+    #: The webhook lets this request replace an object another owner stored.
+    allow_replace: bool = False

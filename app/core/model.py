@@ -76,6 +76,11 @@ class UploadInfo:
     #: The object's name when the session has a name of its own (sessions
     #: addressed by an upload id); None: the object is ``name``.
     target: str | None = None
+    #: The completion callback of this session is not confirmed yet. Set by the
+    #: store in the same record write that completes the upload (S3: already
+    #: just before it), cleared once the receiver answered 2xx, so the intent to
+    #: notify survives any failure or crash after completion.
+    notify_pending: bool = False
 
     @property
     def is_complete(self) -> bool:
@@ -103,6 +108,7 @@ class UploadInfo:
             "updated_at": self.updated_at,
             "completed": None if self.completed is None else self.completed.to_json(),
             "target": self.target,
+            "notify_pending": self.notify_pending,
         }
 
     @classmethod
@@ -125,6 +131,7 @@ class UploadInfo:
             completed=None if done is None else CompletedObject.from_json(done),
             version=version,
             target=None if target is None else str(target),
+            notify_pending=bool(doc.get("notify_pending", False)),
         )
 
 

@@ -125,6 +125,23 @@ def check_live(info: UploadInfo, *, ttl: float, now: float, owner: str | None) -
         raise Forbidden("this upload belongs to another owner")
 
 
+def check_replace(object_owner: str | None, owner: str | None, *, allow_replace: bool) -> None:
+    """A new upload may replace a finished object only if the owners agree
+    (as in ``check_live``, an object or a request without owner binds
+    nobody), or the authorizer allowed replacing it."""
+    if allow_replace or object_owner is None or owner is None:
+        return
+    if object_owner != owner:
+        raise Forbidden("the object at this name belongs to another owner")
+
+
+def replacing_owner(info: UploadInfo, owner: str | None, *, allow_replace: bool) -> str | None:
+    """The owner a replacement of ``info`` is checked against: ``allow_replace``
+    lifts the check for a finished object, never for another's upload in
+    progress."""
+    return None if allow_replace and info.is_complete else owner
+
+
 def check_stated_total(info: UploadInfo, total: int | None) -> None:
     """A total stated by a request must agree with the upload's and its bytes."""
     if total is None:

@@ -29,7 +29,7 @@ from app.errors import (
     TooLarge,
     UploadNotFound,
 )
-from app.stores.base import Store, UploadInfo
+from app.stores.base import ObjectOwners, Store, UploadInfo
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ class Outcome:
 
 
 CompletionHook = Callable[[UploadInfo], Awaitable[None]]
+#: Called with a completed upload whose callback is still pending: on a repeat
+#: request (``replacing`` False: deliver it again if nobody is), and before its
+#: record is replaced or dropped (``replacing`` True: keep the callback
+#: elsewhere, or raise so the record stays).
+NoticeHook = Callable[[UploadInfo, bool], Awaitable[None]]
 
 
 class Md5State(Protocol):
@@ -122,13 +127,17 @@ class UploadEngine:
         *,
         on_start: Callable[[UploadInfo], None] | None = None,
         on_complete: CompletionHook | None = None,
+        on_notice_pending: NoticeHook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """With ``on_notice_pending``, uploads are finished with ``notify``: the
+        store records the intent to notify with the completion."""
         self._store = store
         self._config = config
         self._writers = writers
         self._on_start = on_start
         self._on_complete = on_complete
+        self._on_notice_pending = on_notice_pending
         self._clock = clock
 
     # -- requests ---------------------------------------------------------
@@ -142,6 +151,7 @@ class UploadEngine:
             rules.check_stated_total(info, total)
             if info.is_complete:
                 self._check_completed(info, digests)
+                await self._notice_pending(info, replacing=False)
                 return Outcome(info)
             if total is None or info.offset != total:
                 return Outcome(info)
@@ -184,10 +194,12 @@ class UploadEngine:
             except UploadNotFound:
                 if chunk.start != 0 or not creates:
                     raise
+                await self._check_object_owner(name, grant)
                 info = await self._create(name, chunk.total, content_type, {}, grant)
             if info.is_complete:
                 rules.check_stated_total(info, chunk.total)
                 self._check_completed(info, digests)
+                await self._notice_pending(info, replacing=False)
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(
@@ -288,7 +300,7 @@ class UploadEngine:
         limits = self._limits(grant)
         rules.check_declared_size(content_length, limits)
         async with self._exclusive(name, grant) as lease:
-            await self._check_replaceable(name, grant)
+            await self._check_replaceable(name, grant, name)
             info = await self._create(name, content_length, content_type, {}, grant)
             plan = rules.WritePlan(
                 skip=0, length=content_length, settle_total=None,
@@ -314,12 +326,13 @@ class UploadEngine:
         to ``target``."""
         rules.check_declared_size(total, self._limits(grant))
         async with self._exclusive(name, grant):
-            await self._check_replaceable(name, grant)
+            await self._check_replaceable(name, grant, name if target is None else target)
             return await self._create(name, total, content_type, metadata, grant, target)
 
     async def cancel(self, name: str, grant: Grant) -> None:
         async with self._exclusive(name, grant):
             info = await self._current(name, grant)
+            await self._notice_pending(info, replacing=True)
             # Only the session that was checked: another process may have
             # replaced it since, and that newer upload is not ours to cancel.
             await self._store.cancel(name, session_id=info.session_id)
@@ -362,12 +375,29 @@ class UploadEngine:
     def _limits(self, grant: Grant) -> rules.Limits:
         return rules.Limits(configured=self._config.max_upload_size, granted=grant.max_size)
 
-    async def _check_replaceable(self, name: str, grant: Grant) -> None:
-        """A new upload may replace an old one only if the owners agree."""
+    async def _check_replaceable(self, name: str, grant: Grant, object_name: str) -> None:
+        """A new upload may replace an old one only if the owners agree: the
+        session's, and the finished object's (kept with the object, so it
+        holds after the session record is forgotten or cancelled)."""
         try:
-            await self._current(name, grant)
+            info = await self._store.get(name)
+            owner = rules.replacing_owner(info, grant.owner, allow_replace=grant.allow_replace)
+            rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=owner)
         except UploadNotFound:
-            pass
+            await self._check_object_owner(object_name, grant)
+            return
+        await self._check_object_owner(object_name, grant)
+        await self._notice_pending(info, replacing=True)
+
+    async def _check_object_owner(self, object_name: str, grant: Grant) -> None:
+        if grant.owner is None or grant.allow_replace or not isinstance(self._store, ObjectOwners):
+            return  # nothing to compare (one call saved)
+        owner = await self._store.owner_of(object_name)
+        rules.check_replace(owner, grant.owner, allow_replace=grant.allow_replace)
+
+    async def _notice_pending(self, info: UploadInfo, *, replacing: bool) -> None:
+        if info.notify_pending and info.is_complete and self._on_notice_pending is not None:
+            await self._on_notice_pending(info, replacing)
 
     async def _create(
         self,
@@ -549,7 +579,9 @@ class UploadEngine:
                     "the object's md5 differs from what the client sent; "
                     "the upload was discarded, start it again"
                 )
-        done = await self._store.finish(info, md5=md5)
+        done = await self._store.finish(
+            info, md5=md5, notify=self._on_notice_pending is not None
+        )
         if not done.is_complete:
             # The store found acknowledged bytes gone (S3: a part overwritten
             # by a writer that lost the race) and rolled back: ask for them again.

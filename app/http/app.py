@@ -17,9 +17,9 @@ import aiohttp
 from aiohttp import web
 
 from app.auth.webhook import Authorizer, AuthRequest, make_authorizer
+from app.callbacks.intents import completion_payload, notifier_for
 from app.callbacks.notifier import CompletionNotifier
 from app.config import Config, StorageConfig
-from app.core.digests import crc32c_b64
 from app.core.grant import Grant
 from app.engine.engine import UploadEngine
 from app.engine.writers import WriterRegistry
@@ -33,7 +33,9 @@ from app.http.dialects.ours import OurDialect
 from app.http.middleware import errors_and_access_log
 from app.ops.health import Readiness
 from app.ops.metrics import Metrics
-from app.stores.base import CallbackOutbox, Store, UploadInfo
+from app.stores.base import Store, UploadInfo
+
+__all__ = ["build_app", "completion_payload", "dialects_for"]
 
 log = logging.getLogger("app.server")
 
@@ -133,8 +135,7 @@ def build_app(
                 if isinstance(getattr(inner, "calls", None), int):
                     metrics.track_webhook_calls(lambda: getattr(inner, "calls", 0))
                 app[keys.AUTHORIZER] = MeasuredAuthorizer(inner, metrics)
-                outbox = active_store if isinstance(active_store, CallbackOutbox) else None
-                notifier = CompletionNotifier(config.callbacks, outbox, callbacks_session)
+                notifier = notifier_for(config.callbacks, active_store, callbacks_session)
                 app[keys.NOTIFIER] = notifier
                 metrics.track_callbacks(notifier)
 
@@ -142,13 +143,23 @@ def build_app(
                     # The engine calls this once per upload it finishes (never
                     # for repeat requests to a completed one): the exact count.
                     metrics.uploads_completed.inc()
-                    await notifier.notify(completion_payload(info), callback_id=info.session_id)
+                    # With the intent in the record, a failed outbox write can
+                    # no longer turn a completed upload into a 503.
+                    await notifier.notify(completion_payload(info), callback_id=info.session_id,
+                                          recorded=info.notify_pending)
+
+                async def on_notice_pending(info: UploadInfo, replacing: bool) -> None:
+                    # Replacing or dropping the record would drop the intent:
+                    # the outbox keeps the callback from then on.
+                    await notifier.notify(completion_payload(info), callback_id=info.session_id,
+                                          recorded=not replacing)
 
                 app[keys.ENGINE] = UploadEngine(
                     active_store, config.storage, writers,
                     on_start=lambda info: metrics.uploads_started.inc(),
                     on_complete=on_complete,
                     clock=clock,
+                    on_notice_pending=on_notice_pending if notifier.enabled else None,
                 )
                 redelivery = (
                     asyncio.create_task(_redeliver(notifier)) if notifier.enabled else None
@@ -189,21 +200,3 @@ async def _redeliver(notifier: CompletionNotifier) -> None:
                      delivered, pending)
     except Exception:
         log.exception("redelivering pending completion callbacks failed")
-
-
-def completion_payload(info: UploadInfo) -> dict[str, object]:
-    done = info.completed
-    assert done is not None
-    return {
-        # The object, never an id session's internal name (it holds the upload id).
-        "name": info.object_name,
-        "key": done.key,
-        "bucket": done.bucket,
-        "size": done.size,
-        "content_type": info.content_type,
-        "etag": done.etag,
-        "crc32c": crc32c_b64(done.crc32c),
-        "metadata": dict(info.metadata),
-        "owner": info.owner,
-        "completed_at": done.completed_at,
-    }

@@ -86,7 +86,19 @@ async def authorize(
         dialect=dialect,
         extra=dict(extra or {}),
     )
-    return await request.app[keys.AUTHORIZER].authorize(auth_request)
+    # No body byte is taken off the socket while the webhook decides: without
+    # this, aiohttp keeps reading into the request's buffer up to its high-water
+    # mark on top of the first read, for every unauthenticated sender at once.
+    # (An allowed request resumes here; its body is read only once the engine
+    # asks for it, with 100-continue where the client wants it.)
+    hold = request.can_read_body and not request.content.is_eof()
+    if hold:
+        request.protocol.pause_reading()
+    try:
+        return await request.app[keys.AUTHORIZER].authorize(auth_request)
+    finally:
+        if hold and request.protocol.transport is not None:
+            request.protocol.resume_reading()
 
 
 def goog_hash_digests(request: web.Request) -> ClientDigests | None:

@@ -70,6 +70,8 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
             )
         response.headers["X-Request-Id"] = request_id
         status = response.status
+        if status >= 400 and request.can_read_body and not request.content.is_eof():
+            await close_after_answer(request, response)
         return response
     finally:
         elapsed = time.perf_counter() - started
@@ -99,6 +101,44 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
                 "remote": request.remote,
             },
         )
+
+
+#: Body bytes still read after an early error answer, so that the answer
+#: reaches the client before the close (a close with unread data becomes a
+#: TCP reset, which may destroy the answer in the client's buffers).
+CLOSE_DRAIN_LIMIT = 256 * 1024
+#: ... and for at most this long.
+CLOSE_DRAIN_SECONDS = 1.0
+
+
+async def close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """Answer an error whose request body was not read, then close the
+    connection instead of reading the rest of the body.
+
+    aiohttp would otherwise linger after the handler: up to 10 s of reading
+    and discarding whatever a refused client sends (gigabytes from a fast
+    one). Only its ``force_close`` flag skips that."""
+    response.force_close()  # Connection: close
+    try:
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write_eof()
+        transport = request.transport
+        if transport is not None and transport.can_write_eof():
+            # FIN right after the answer: a client reading to the end has it
+            # all before the reset that closing with unread data may cause.
+            transport.write_eof()
+        drained = 0
+        async with asyncio.timeout(CLOSE_DRAIN_SECONDS):
+            while drained < CLOSE_DRAIN_LIMIT:
+                data = await request.content.readany()
+                if not data:
+                    break
+                drained += len(data)
+    except Exception:
+        pass  # the client is gone, slow, or its body broken: close anyway
+    finally:
+        request.protocol.force_close()
 
 
 def _count_request(

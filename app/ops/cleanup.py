@@ -45,7 +45,7 @@ from typing import Protocol
 
 import aiohttp
 
-from app.callbacks.notifier import CompletionNotifier
+from app.callbacks.intents import notifier_for
 from app.config import Config, ConfigError, load_config, parse_duration
 from app.errors import UploadError, UploadNotFound
 from app.ops.logs import setup_logging
@@ -206,7 +206,9 @@ class _Cleanup:
             try:
                 async for info in self.store.list_unfinished():
                     self.report.scanned += 1
-                    if info.is_complete or info.updated_at > self.cutoff:
+                    # A record carrying the intent to notify is a completion
+                    # that was interrupted: the callbacks step finishes it.
+                    if info.is_complete or info.notify_pending or info.updated_at > self.cutoff:
                         continue
                     await self._slots.acquire()
                     tasks.create_task(self._in_slot(info.name, self._abort(info)))
@@ -261,6 +263,9 @@ class _Cleanup:
             async for info in self.store.list_completed():
                 done = info.completed
                 if done is None or done.completed_at > self.cutoff:
+                    continue
+                if info.notify_pending:
+                    # Its record is the only trace of the callback still owed.
                     continue
                 await self._slots.acquire()
                 tasks.create_task(self._in_slot(info.name, self._forget(info)))
@@ -391,8 +396,7 @@ async def _main(args: argparse.Namespace, config: Config) -> int:
         async with aiohttp.ClientSession() as session:
             notifier = None
             if config.callbacks.on_complete_url:
-                outbox = store if isinstance(store, CallbackOutbox) else None
-                notifier = CompletionNotifier(config.callbacks, outbox, session)
+                notifier = notifier_for(config.callbacks, store, session)
             report = await run_cleanup(
                 store, older_than=args.older_than, now=time.time(), dry_run=args.dry_run,
                 notifier=notifier, on_action=show, concurrency=args.concurrency,

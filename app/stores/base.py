@@ -90,10 +90,16 @@ class Store(Protocol):
         or completed upload."""
         ...
 
-    async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
+    async def finish(
+        self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
+    ) -> UploadInfo:
         """Turn an upload whose ``offset == total`` into the object at
         ``info.object_name`` (replacing whatever was there: the last to finish wins)
         and return the completed state. ``md5`` is recorded when given.
+        ``notify``: the completed state carries ``notify_pending``, recorded no
+        later than the completion itself (a crash in between must leave the
+        intent behind: an unfinished record with ``notify_pending`` means the
+        completion may have happened, and ``finish`` of it completes it).
         Idempotent: a completed upload is returned as it is. A store that finds
         bytes it acknowledged no longer stored as they were (S3: a part
         overwritten by a writer that lost the race for the session) never
@@ -143,6 +149,30 @@ class CallbackOutbox(Protocol):
         ...
 
     async def list_pending(self) -> list[tuple[str, bytes]]: ...
+
+
+@runtime_checkable
+class PendingNotices(Protocol):
+    """A store that can confirm the completion callback of a session recorded
+    with ``finish(..., notify=True)``."""
+
+    async def clear_notice(self, name: str, session_id: str) -> None:
+        """Clear ``notify_pending`` of the session ``session_id`` at ``name``.
+        Nothing happens (and nothing is raised) if the record is gone, holds
+        another session or has no pending notice."""
+        ...
+
+
+@runtime_checkable
+class ObjectOwners(Protocol):
+    """A store that keeps the owner of each finished object with the object
+    itself, so it outlives the session record (forgotten by the cleanup job,
+    or cancelled)."""
+
+    async def owner_of(self, name: str) -> str | None:
+        """The owner recorded when the object at ``name`` was finished; None
+        if there is no object or it was stored without owner."""
+        ...
 
 
 @dataclass(frozen=True)

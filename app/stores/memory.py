@@ -59,12 +59,16 @@ class MemoryBacking:
     data: dict[str, bytearray] = field(default_factory=dict)
     #: Finished objects, by name.
     objects: dict[str, bytes] = field(default_factory=dict)
+    #: The owner each finished object was stored by, by name (kept with the
+    #: object: it outlives the session record).
+    owners: dict[str, str | None] = field(default_factory=dict)
     #: Completion callbacks not yet delivered, by id.
     callbacks: dict[str, PendingCallback] = field(default_factory=dict)
 
 
 class MemoryStore:
-    """A ``Store`` (with ``HealthCheck`` and ``CallbackOutbox``) over a ``MemoryBacking``."""
+    """A ``Store`` (with ``HealthCheck``, ``CallbackOutbox``, ``PendingNotices``
+    and ``ObjectOwners``) over a ``MemoryBacking``."""
 
     def __init__(
         self,
@@ -152,7 +156,9 @@ class MemoryStore:
             mine = self._append(mine, bytes(chunk))
         return mine
 
-    async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
+    async def finish(
+        self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
+    ) -> UploadInfo:
         stored = self._stored(info.name)
         if rules.check_finish(stored, info):
             return stored
@@ -161,6 +167,7 @@ class MemoryStore:
         done = replace(
             stored,
             updated_at=now,
+            notify_pending=notify,
             completed=CompletedObject(
                 key=stored.object_name,
                 bucket=BUCKET,
@@ -172,6 +179,7 @@ class MemoryStore:
             ),
         )
         self.backing.objects[stored.object_name] = content
+        self.backing.owners[stored.object_name] = stored.owner
         self.backing.sessions[stored.name] = done
         return done
 
@@ -195,6 +203,19 @@ class MemoryStore:
 
     async def check_health(self) -> None:
         return None  # process memory is reachable whenever this code runs
+
+    # -- ObjectOwners ---------------------------------------------------------
+
+    async def owner_of(self, name: str) -> str | None:
+        validate_name(name)
+        return self.backing.owners.get(name) if name in self.backing.objects else None
+
+    # -- PendingNotices ------------------------------------------------------
+
+    async def clear_notice(self, name: str, session_id: str) -> None:
+        stored = self.backing.sessions.get(name)
+        if stored is not None and stored.session_id == session_id and stored.notify_pending:
+            self.backing.sessions[name] = replace(stored, notify_pending=False)
 
     # -- CallbackOutbox ------------------------------------------------------
 

@@ -530,3 +530,63 @@ async def test_a_damaged_session_record_is_reported_and_can_be_replaced(
     sidecar_path(root, "damaged.bin").write_bytes(b"[]")
     await store.cancel("damaged.bin")
     assert not sidecar_path(root, "damaged.bin").exists()
+
+
+STORE_FOLDERS = [".uploads", ".uploads/data", ".uploads/sessions", ".uploads/callbacks",
+                 ".uploads/owners", ".uploads/tmp", ".uploads/locks"]
+
+
+def plant_link(root: Path, folder: str, outside: Path) -> None:
+    """Replace one of the store's own folders by a symlink to ``outside``."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / folder
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(outside, target_is_directory=True)
+
+
+@pytest.mark.parametrize("folder", STORE_FOLDERS)
+async def test_a_symlinked_store_folder_is_refused_at_start_up(
+    storage: StorageConfig, root: Path, outside: Path, folder: str
+) -> None:
+    plant_link(root, folder, outside)
+    before = snapshot(outside)
+    with pytest.raises(StorageUnavailable, match=f"'{folder}' under .* is a symbolic link"):
+        await FilesystemStore.open(storage)
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("folder", [".uploads", ".uploads/data", ".uploads/sessions",
+                                    ".uploads/tmp", ".uploads/locks"])
+async def test_a_store_folder_swapped_for_a_symlink_later_refuses_every_request(
+    store: FilesystemStore, root: Path, outside: Path, folder: str
+) -> None:
+    info = await append(store, await new_upload(store, "early.bin", total=10), b"hello")
+    plant_link(root, folder, outside)
+    before = snapshot(outside)
+    with pytest.raises(StorageUnavailable, match="symbolic link"):
+        await new_upload(store, "late.bin")
+    with pytest.raises(StorageUnavailable, match="symbolic link"):
+        await store.get("early.bin")
+    with pytest.raises(StorageUnavailable, match="symbolic link"):
+        await append(store, info, b"world")
+    with pytest.raises(StorageUnavailable, match="symbolic link"):
+        await store.finish(info)
+    with pytest.raises(StorageUnavailable, match="symbolic link"):
+        await store.check_health()
+    with pytest.raises(StorageUnavailable, match="symbolic link"):
+        await store.save_pending("cb", b"{}")
+    with pytest.raises(StorageUnavailable, match="symbolic link"):
+        [i async for i in store.list_unfinished()]
+    assert snapshot(outside) == before
+
+
+async def test_a_store_folder_replaced_by_another_directory_is_refused(
+    store: FilesystemStore, root: Path
+) -> None:
+    data = root / ".uploads" / "data"
+    data.rename(root / "moved")
+    data.mkdir()
+    with pytest.raises(StorageUnavailable, match="replaced since start-up"):
+        await new_upload(store, "x.bin")

@@ -10,16 +10,19 @@ could never be placed.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.config import StorageConfig
 from app.core.protocol import RESERVED_PREFIX, is_id_session_name, validate_name
-from app.errors import InvalidName
+from app.errors import InvalidName, StorageUnavailable
 from app.stores.filesystem import fsio
 
-_SUBDIRS = ("sessions", "data", "callbacks", "tmp", "locks")
+log = logging.getLogger(__name__)
+
+_SUBDIRS = ("sessions", "data", "callbacks", "tmp", "locks", "owners")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,11 @@ class Layout:
     #: Longest name segment the filesystem allows (``PC_NAME_MAX``).
     name_max: int
     fsync: bool
+    #: (path, st_dev, st_ino) of the root and each of the store's own folders,
+    #: captured at start-up: ``check_folders`` compares them before each
+    #: operation, so a folder swapped for a symlink (or another directory)
+    #: afterwards is refused instead of followed.
+    folders: tuple[tuple[str, int, int], ...] = field(default=(), compare=False)
 
     @property
     def uploads_dir(self) -> str:
@@ -67,6 +75,9 @@ class Layout:
     def lock_path(self, name: str) -> str:
         return os.path.join(self.locks_dir, fsio.name_key(name) + ".lock")
 
+    def owner_path(self, name: str) -> str:
+        return os.path.join(self.uploads_dir, "owners", fsio.name_key(name) + ".json")
+
     def callback_path(self, callback_id: str) -> str:
         return os.path.join(self.callbacks_dir, fsio.name_key(callback_id) + ".json")
 
@@ -81,8 +92,11 @@ def prepare_root(config: StorageConfig) -> Layout:
         # so every later containment check compares real paths.
         root = os.path.realpath(configured)
         uploads = os.path.join(root, RESERVED_PREFIX)
-        for sub in _SUBDIRS:
-            os.makedirs(os.path.join(uploads, sub), exist_ok=True)
+        for path in _own_folders(root)[1:]:
+            if os.path.islink(path):
+                # Checked before makedirs, which would accept a link to a directory.
+                _require_plain_dir(root, path, os.lstat(path))
+            os.makedirs(path, exist_ok=True)
         if fsync:
             for path in (root, uploads):
                 fsio.fsync_dir(path)
@@ -90,10 +104,63 @@ def prepare_root(config: StorageConfig) -> Layout:
             name_max = os.pathconf(root, "PC_NAME_MAX")
         except (OSError, ValueError):
             name_max = 255
+        folders = _capture_folders(root)
         fsio.sweep_stale_tmp(os.path.join(uploads, "tmp"))
     except OSError as exc:
         raise fsio.unavailable("prepare the storage root", configured, exc) from exc
-    return Layout(root=root, name_max=name_max, fsync=fsync)
+    return Layout(root=root, name_max=name_max, fsync=fsync, folders=folders)
+
+
+def _own_folders(root: str) -> list[str]:
+    uploads = os.path.join(root, RESERVED_PREFIX)
+    return [root, uploads, *(os.path.join(uploads, sub) for sub in _SUBDIRS)]
+
+
+def _capture_folders(root: str) -> tuple[tuple[str, int, int], ...]:
+    """Identities of the store's own folders; refuses any that is a symlink.
+
+    Only the last component of a path under them is opened with
+    ``O_NOFOLLOW``, so a symlink as ``.uploads/data`` would send every
+    upload's bytes wherever it points."""
+    found = []
+    for path in _own_folders(root):
+        st = os.lstat(path)
+        _require_plain_dir(root, path, st)
+        found.append((path, st.st_dev, st.st_ino))
+    return tuple(found)
+
+
+def _require_plain_dir(root: str, path: str, st: os.stat_result) -> None:
+    shown = os.path.relpath(path, root) if path != root else root
+    if stat.S_ISLNK(st.st_mode):
+        raise StorageUnavailable(
+            f"filesystem store: {shown!r} under {root} is a symbolic link; the store's own "
+            "folders must be plain directories inside the root (remove the link)"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageUnavailable(f"filesystem store: cannot use {path}: ENOTDIR (not a directory)")
+
+
+def check_folders(layout: Layout) -> None:
+    """Refuse to work if a folder of the store is no longer the one found at
+    start-up (a symlink or another directory planted since). One ``lstat``
+    per folder: cheap enough to run before every operation."""
+    try:
+        for path, dev, ino in layout.folders:
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                raise fsio.unavailable("check the store folder", path, exc) from exc
+            _require_plain_dir(layout.root, path, st)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise StorageUnavailable(
+                    f"filesystem store: {path} was replaced since start-up; refusing to "
+                    "read or write through it (restart the service once the root is sound)"
+                )
+    except StorageUnavailable as exc:
+        # The client sees only a 503: the operator needs the reason.
+        log.error("%s", exc.message)
+        raise
 
 
 def check_name_text(layout: Layout, name: str) -> None:

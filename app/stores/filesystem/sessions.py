@@ -21,7 +21,7 @@ from dataclasses import replace
 from app.core import rules
 from app.core.model import CompletedObject, UploadInfo
 from app.errors import StorageUnavailable, UploadNotFound
-from app.stores.filesystem import fsio, recovery, sidecars
+from app.stores.filesystem import fsio, owners, recovery, sidecars
 from app.stores.filesystem.locks import locked
 from app.stores.filesystem.paths import (
     Layout,
@@ -57,7 +57,7 @@ def create(layout: Layout, info: UploadInfo) -> UploadInfo:
         return stamped
 
 
-def finish(layout: Layout, info: UploadInfo, md5: bytes | None) -> UploadInfo:
+def finish(layout: Layout, info: UploadInfo, md5: bytes | None, notify: bool) -> UploadInfo:
     with locked(layout, info.name):
         stored = recovery.load_locked(layout, info.name)
         if rules.check_finish(stored, info):
@@ -77,15 +77,24 @@ def finish(layout: Layout, info: UploadInfo, md5: bytes | None) -> UploadInfo:
                 completed_at=now,
                 md5=md5,
             )
-            done = sidecars.stamp(replace(stored, updated_at=now, completed=completed))
-            sidecars.write(layout, done)
+            # The intent to notify goes in the same atomic sidecar write that
+            # marks the upload completed: there is no moment without it.
+            done = sidecars.stamp(
+                replace(stored, updated_at=now, completed=completed, notify_pending=notify)
+            )
+            # The owner goes with the object, before it appears: it must
+            # outlive this sidecar (forgotten by the cleanup job, cancelled).
+            previous_owner = owners.read_raw(layout, target)
+            owners.write(layout, target, stored.owner)
             try:
+                sidecars.write(layout, done)
                 rename_into(layout, dir_fd, target, leaf, data_path)
             except BaseException:
                 # Without the rename the object does not exist: undo the mark so
-                # the upload can be finished again.
+                # the upload can be finished again, and the old object keeps its owner.
                 try:
                     sidecars.write(layout, stored)
+                    owners.restore(layout, target, previous_owner)
                 except StorageUnavailable:
                     log.exception("could not restore the session of %r", info.name)
                 raise
@@ -127,3 +136,11 @@ def cancel(layout: Layout, name: str, session_id: str | None) -> None:
         else:
             fsio.remove(data_path, "discard the data of", fsync=layout.fsync)
         sidecars.remove(layout, name)
+
+
+def clear_notice(layout: Layout, name: str, session_id: str) -> None:
+    with locked(layout, name):
+        stored = sidecars.read(layout, name)
+        if stored is None or stored.session_id != session_id or not stored.notify_pending:
+            return
+        sidecars.write(layout, replace(stored, notify_pending=False))

@@ -7,6 +7,7 @@ Layout under ``root`` (the resolved ``storage.filesystem.root``)::
     root/.uploads/data/<session_id>         the bytes of an unfinished upload
     root/.uploads/callbacks/<sha256>.json   completion callbacks not yet delivered
     root/.uploads/locks/<sha256>.lock       per-name lock (``flock``) and writer token
+    root/.uploads/owners/<sha256>.json      who stored each finished object
     root/.uploads/tmp/                      temp files of atomic writes, health probes
 
 This module only composes; each job has its own module:
@@ -37,14 +38,24 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from typing import ParamSpec, TypeVar
 
 from app.config import StorageConfig
 from app.core import rules
 from app.errors import StorageUnavailable
 from app.stores.base import UploadInfo
-from app.stores.filesystem import append, fsio, outbox, recovery, sessions, sidecars
-from app.stores.filesystem.paths import Layout, check_name_text, check_session_name, prepare_root
+from app.stores.filesystem import append, fsio, outbox, owners, recovery, sessions, sidecars
+from app.stores.filesystem.paths import (
+    Layout,
+    check_folders,
+    check_name_text,
+    check_session_name,
+    prepare_root,
+)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 #: Sidecars read per thread hop while listing.
 _LIST_BATCH = 64
@@ -64,6 +75,17 @@ class FilesystemStore:
     async def close(self) -> None:
         # Every operation finishes its own I/O before returning: nothing to release.
         return None
+
+    async def _run(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``fn`` in a worker thread, once the store's folders proved to be the
+        ones found at start-up (a symlink planted as ``.uploads/data`` later
+        would otherwise send bytes and records outside the root)."""
+
+        def checked() -> _T:
+            check_folders(self._layout)
+            return fn(*args, **kwargs)
+
+        return await fsio.in_thread(checked)
 
     # -- Store ---------------------------------------------------------------
 
@@ -96,11 +118,11 @@ class FilesystemStore:
             updated_at=now,
             target=target,
         )
-        return await fsio.in_thread(sessions.create, self._layout, info)
+        return await self._run(sessions.create, self._layout, info)
 
     async def get(self, name: str) -> UploadInfo:
         check_session_name(self._layout, name)
-        return await fsio.in_thread(recovery.load, self._layout, name)
+        return await self._run(recovery.load, self._layout, name)
 
     async def write(
         self,
@@ -110,15 +132,18 @@ class FilesystemStore:
         total: int | None = None,
     ) -> UploadInfo:
         check_session_name(self._layout, info.name)
+        await fsio.in_thread(check_folders, self._layout)
         return await append.write(self._layout, info, chunks, total)
 
-    async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
+    async def finish(
+        self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
+    ) -> UploadInfo:
         check_session_name(self._layout, info.name)
-        return await fsio.in_thread(sessions.finish, self._layout, info, md5)
+        return await self._run(sessions.finish, self._layout, info, md5, notify)
 
     async def cancel(self, name: str, *, session_id: str | None = None) -> None:
         check_session_name(self._layout, name)
-        await fsio.in_thread(sessions.cancel, self._layout, name, session_id)
+        await self._run(sessions.cancel, self._layout, name, session_id)
 
     def list_unfinished(self) -> AsyncIterator[UploadInfo]:
         return self._list_sessions(completed=False)
@@ -127,9 +152,9 @@ class FilesystemStore:
         return self._list_sessions(completed=True)
 
     async def _list_sessions(self, *, completed: bool) -> AsyncIterator[UploadInfo]:
-        files = await fsio.in_thread(fsio.list_dir, self._layout.sessions_dir, ".json")
+        files = await self._run(fsio.list_dir, self._layout.sessions_dir, ".json")
         for start in range(0, len(files), _LIST_BATCH):
-            infos = await fsio.in_thread(sidecars.read_many, files[start : start + _LIST_BATCH])
+            infos = await self._run(sidecars.read_many, files[start : start + _LIST_BATCH])
             for info in infos:
                 if info.is_complete == completed:
                     yield info
@@ -137,18 +162,30 @@ class FilesystemStore:
     # -- HealthCheck ---------------------------------------------------------
 
     async def check_health(self) -> None:
-        await fsio.in_thread(_check_health, self._layout)
+        await self._run(_check_health, self._layout)
+
+    # -- ObjectOwners ---------------------------------------------------------
+
+    async def owner_of(self, name: str) -> str | None:
+        check_name_text(self._layout, name)
+        return await self._run(owners.owner_of, self._layout, name)
+
+    # -- PendingNotices ------------------------------------------------------
+
+    async def clear_notice(self, name: str, session_id: str) -> None:
+        check_session_name(self._layout, name)
+        await self._run(sessions.clear_notice, self._layout, name, session_id)
 
     # -- CallbackOutbox ------------------------------------------------------
 
     async def save_pending(self, callback_id: str, payload: bytes) -> None:
-        await fsio.in_thread(outbox.save, self._layout, callback_id, payload)
+        await self._run(outbox.save, self._layout, callback_id, payload)
 
     async def delete_pending(self, callback_id: str) -> None:
-        await fsio.in_thread(outbox.delete, self._layout, callback_id)
+        await self._run(outbox.delete, self._layout, callback_id)
 
     async def list_pending(self) -> list[tuple[str, bytes]]:
-        return await fsio.in_thread(outbox.list_all, self._layout)
+        return await self._run(outbox.list_all, self._layout)
 
 
 def _check_health(layout: Layout) -> None:

@@ -17,7 +17,7 @@ from app.stores.base import CompletedObject
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import INVALID_PART_CODES, NO_UPLOAD_CODES, S3Refusal
 from app.stores.s3.parts import BufferGauge, bare_etag, upload_part
-from app.stores.s3.records import SESSION_META, Layout, Part, Record
+from app.stores.s3.records import OWNER_META, SESSION_META, Layout, Part, Record
 from app.stores.s3.staged import StagedData
 
 log = logging.getLogger("app.stores.s3")
@@ -29,19 +29,21 @@ _TAIL_ATTEMPTS = 3
 _HEADER_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
-def object_metadata(metadata: Mapping[str, str], session_id: str) -> dict[str, str]:
+def object_metadata(
+    metadata: Mapping[str, str], session_id: str, owner: str | None = None
+) -> dict[str, str]:
     """User metadata as S3 can carry it in headers: keys must be header tokens;
-    values outside printable ASCII are RFC 2047 encoded (as AWS recommends)."""
+    values outside printable ASCII are RFC 2047 encoded (as AWS recommends).
+    The session and the owner go in keys of their own, never user-set."""
     out: dict[str, str] = {}
     for key, value in metadata.items():
         if not _HEADER_TOKEN.fullmatch(key):
             raise BadRequest(f"metadata key {key!r} cannot be stored as S3 object metadata")
-        if value.isascii() and value.isprintable() and value == value.strip():
-            out[key.lower()] = value
-        else:
-            encoded = base64.b64encode(value.encode("utf-8")).decode("ascii")
-            out[key.lower()] = f"=?UTF-8?B?{encoded}?="
+        out[key.lower()] = header_value(value)
     out[SESSION_META] = session_id
+    out.pop(OWNER_META, None)
+    if owner is not None:
+        out[OWNER_META] = header_value(owner)
     return out
 
 
@@ -51,6 +53,23 @@ class PartOverwritten(Exception):
     def __init__(self, number: int) -> None:
         super().__init__(f"part {number} was overwritten")
         self.number = number
+
+
+def header_value(value: str) -> str:
+    if value.isascii() and value.isprintable() and value == value.strip():
+        return value
+    encoded = base64.b64encode(value.encode("utf-8")).decode("ascii")
+    return f"=?UTF-8?B?{encoded}?="
+
+
+def from_header_value(value: str) -> str:
+    """Inverse of ``header_value``."""
+    if value.startswith("=?UTF-8?B?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[10:-2], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return value
+    return value
 
 
 class Completion:
@@ -75,7 +94,7 @@ class Completion:
             # S3 cannot complete an MPU without parts.
             put = await self._client.call(
                 "PutObject", Key=key, Body=b"", ContentType=record.content_type,
-                Metadata=object_metadata(record.metadata, record.session_id),
+                Metadata=object_metadata(record.metadata, record.session_id, record.owner),
             )
             await self._abort_quietly(record)
             return self._completed(record, str(put["ETag"]), 0)

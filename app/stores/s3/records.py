@@ -36,6 +36,9 @@ READ_CONCURRENCY = 16
 #: Object metadata key tying a finished object to the session that wrote it, so a
 #: retried finish can tell "already completed by me" from "gone".
 SESSION_META = "upload-session"
+#: Object metadata naming the owner the object was stored by (so it outlives
+#: the session record); never taken from user metadata.
+OWNER_META = "upload-owner"
 
 
 # -- the session record ------------------------------------------------------
@@ -98,6 +101,7 @@ class Record:
     #: Parts 1..offset // part_size as their writer recorded them; None for a
     #: record written before parts were recorded (completion lists those).
     parts: tuple[Part, ...] | None = ()
+    notify_pending: bool = False
 
     @property
     def object_name(self) -> str:
@@ -147,6 +151,7 @@ class Record:
 _SESSION_FIELDS = (
     "name", "session_id", "offset", "total", "part_size", "crc32c", "content_type",
     "metadata", "owner", "created_at", "updated_at", "completed", "target",
+    "notify_pending",
 )
 
 

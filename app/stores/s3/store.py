@@ -69,11 +69,16 @@ from app.core.model import PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
-from app.stores.s3.completion import Completion, PartOverwritten, object_metadata
+from app.stores.s3.completion import (
+    Completion,
+    PartOverwritten,
+    from_header_value,
+    object_metadata,
+)
 from app.stores.s3.errors import S3Refusal
 from app.stores.s3.markers import Markers
 from app.stores.s3.parts import BufferGauge
-from app.stores.s3.records import Layout, Record, Records
+from app.stores.s3.records import OWNER_META, Layout, Record, Records
 from app.stores.s3.staged import StagedData
 from app.stores.s3.sweeper import S3OrphanSweeper
 from app.stores.s3.writer import Writer
@@ -186,7 +191,7 @@ class S3Store:
         params: dict[str, Any] = {
             "Key": self._layout.object_key(name if target is None else target),
             "ContentType": content_type,
-            "Metadata": object_metadata(metadata, session_id),
+            "Metadata": object_metadata(metadata, session_id, owner),
         }
         old = await self.records.read(name)
         upload_id = await self.begin_multipart(session_id, params)
@@ -260,12 +265,21 @@ class S3Store:
         settled = rules.check_write(record.to_info(etag), info, total)
         return await self._writer.write(record, etag, settled, chunks, fresh=known is None)
 
-    async def finish(self, info: UploadInfo, *, md5: bytes | None = None) -> UploadInfo:
+    async def finish(
+        self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
+    ) -> UploadInfo:
         if info.completed is not None:
             return info
         record, etag = await self.records.load(info.name)
         if rules.check_finish(record.to_info(etag), info):
             return record.to_info(etag)
+        if notify and not record.notify_pending:
+            # The intent first: CompleteMultipartUpload and the record write
+            # after it are two steps, and a crash between them must not lose
+            # the callback. An unfinished record carrying the intent is
+            # finished by start-up and the cleanup job.
+            record = replace(record, notify_pending=True)
+            etag = await self.records.put(record, if_match=etag)
         try:
             completed = replace(await self._completion.complete(record), md5=md5)
         except PartOverwritten as exc:
@@ -295,8 +309,11 @@ class S3Store:
         assert record.parts is not None
         kept = record.parts[: number - 1]
         offset = (number - 1) * record.part_size
+        # The intent to notify goes too: nothing completed, and start-up must
+        # not try to finish an upload that now waits for the client's bytes.
         rolled = replace(record, offset=offset, crc32c=kept[-1].end_crc32c if kept else 0,
-                         parts=kept, staged=(), tail_crc32c=0, updated_at=time.time())
+                         parts=kept, staged=(), tail_crc32c=0, updated_at=time.time(),
+                         notify_pending=False)
         log.error("upload %r: part %d was overwritten by a writer that lost the session "
                   "record; rolled back from %d to %d bytes, the client must resend from there",
                   record.name, number, record.offset, offset)
@@ -348,6 +365,29 @@ class S3Store:
         key = f"{self._layout.reserved}health/{self._instance}"
         await self._client.call("PutObject", Key=key, Body=b"ok")
         await self._client.call("DeleteObject", Key=key)
+
+    # -- ObjectOwners ---------------------------------------------------------
+
+    async def owner_of(self, name: str) -> str | None:
+        head = await self._client.head(self._layout.object_key(name))
+        if head is None:
+            return None
+        owner = head.get("Metadata", {}).get(OWNER_META)
+        return None if owner is None else from_header_value(str(owner))
+
+    # -- PendingNotices -------------------------------------------------------
+
+    async def clear_notice(self, name: str, session_id: str) -> None:
+        loaded = await self.records.read(name)
+        if loaded is None:
+            return
+        record, etag = loaded
+        if record.session_id != session_id or not record.notify_pending:
+            return
+        try:
+            await self.records.put(replace(record, notify_pending=False), if_match=etag)
+        except (OffsetMismatch, UploadNotFound):
+            pass  # replaced, forgotten or cleared by another process meanwhile
 
     # -- CallbackOutbox -----------------------------------------------------
 
