@@ -43,6 +43,17 @@ async def plan(ctx: runs.Ctx) -> tuple[list[tuple[str, Job]], list[str], str]:
             ("s3_c1", lambda c: runs.s3_proxy_run(c, c1)),
             ("s3_c8_p8", lambda c: runs.s3_proxy_run(c, c8, part_size=c8)),
         ]
+    if "s3" in stores and args.config_rows:
+        # One-line config changes already exposed by the proxy, measured as rows.
+        when_required = {"APP__STORAGE__S3__CHECKSUM_MODE": "when_required"}
+        jobs += [
+            ("s3_plain_p16", lambda c: runs.s3_proxy_run(c, None, part_size=16 * MIB)),
+            ("s3_plain_wr", lambda c: runs.s3_proxy_run(c, None, config=when_required)),
+            ("s3_plain_if4", lambda c: runs.s3_proxy_run(
+                c, None, config={"APP__STORAGE__PARTS_IN_FLIGHT": "4"})),
+            ("s3_c8_p8_wr", lambda c: runs.s3_proxy_run(c, c8, part_size=c8,
+                                                        config=when_required)),
+        ]
     if "filesystem" in stores:
         jobs += [
             ("fs_reference", runs.fs_reference_run),
@@ -178,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="part size of the direct boto3 upload (default 6MiB, the "
                              "proxy's part_size)")
     parser.add_argument("--no-peer", action="store_true", help="skip the node tus rows")
+    parser.add_argument("--config-rows", action="store_true",
+                        help="add S3 rows with config changes (part_size 16MiB, checksum_mode "
+                             "when_required, parts_in_flight 4)")
     concurrency.add_arguments(parser)
     profile.add_arguments(parser)
     parser.add_argument("--seed", type=int, default=20240601, help="seed of the data block")

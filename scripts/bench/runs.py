@@ -216,6 +216,7 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 async def measure_http_upload(
     result: RunResult, server: Child, name: str, payload: Payload, chunk: int | None,
     *, s3_metrics: bool = False,
+    hooks: tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]] | None = None,
 ) -> UploadOutcome:
     """Upload ``result.size`` bytes to ``server`` while watching its CPU and RSS."""
     url = f"{server.url}/upload/{name}"
@@ -235,6 +236,8 @@ async def measure_http_upload(
             probe_ops.update(_delta(await s3_counts(side, server), first))
             result.checks["mid-way probes answer 308"] = all(s == 308 for s in statuses)
 
+        if hooks is not None:
+            await hooks[0]()
         watch = ProcessWatch(server.pid)
         watch.start()
         started = time.perf_counter()
@@ -248,6 +251,8 @@ async def measure_http_upload(
             result.wall_s = time.perf_counter() - started
         finally:
             result.usage = watch.stop()
+            if hooks is not None:
+                await hooks[1]()
         if s3_metrics:
             ops = _delta(await s3_counts(side, server), before)
             for op, n in probe_ops.items():
@@ -383,14 +388,22 @@ async def fs_proxy_run(ctx: Ctx, chunk: int | None) -> RunResult:
     return result
 
 
-async def s3_proxy_run(ctx: Ctx, chunk: int | None, *, part_size: int | None = None,
-                       size: int | None = None) -> RunResult:
+async def s3_proxy_run(
+    ctx: Ctx, chunk: int | None, *, part_size: int | None = None, size: int | None = None,
+    config: dict[str, str] | None = None,
+    hooks: Callable[[Child], tuple[Callable[[], Awaitable[None]],
+                                   Callable[[], Awaitable[None]]]] | None = None,
+) -> RunResult:
     size = size or ctx.args.s3_size
     label = f"s3 proxy {what(chunk)}"
-    extra = {}
+    extra = dict(config or {})
     if part_size is not None:
-        label += f" (part_size {human_size(part_size)})"
         extra["APP__STORAGE__PART_SIZE"] = str(part_size)
+    if extra:
+        # The config keys changed, shortened: APP__STORAGE__S3__CHECKSUM_MODE -> checksum_mode.
+        label += " (" + ", ".join(
+            f"{k.rsplit('__', 1)[-1].lower()} "
+            f"{human_size(int(v)) if v.isdigit() else v}" for k, v in extra.items()) + ")"
     result = RunResult(label=label, size=size)
     moto = proxy = None
     name = "bench.bin"
@@ -399,7 +412,8 @@ async def s3_proxy_run(ctx: Ctx, chunk: int | None, *, part_size: int | None = N
         moto = await servers.start_moto(ctx.tmp, "proxy")
         proxy = await servers.start_proxy("s3", ctx.tmp, "s3", moto=moto, extra=extra)
         outcome = await measure_http_upload(result, proxy, name, ctx.payload, chunk,
-                                            s3_metrics=True)
+                                            s3_metrics=True,
+                                            hooks=hooks(proxy) if hooks else None)
         check_upload(result, outcome, ctx.crc(size))
         await verify_s3(result, moto, name, ctx.crc(size))
     except Exception as exc:
