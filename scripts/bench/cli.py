@@ -117,9 +117,10 @@ async def table_run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
         f"Python {platform.python_version()}",
         "MB/s = 10^6 bytes per wall second; CPU-s/GiB and peak RSS of the server process "
-        "(of the boto3 process for the direct row); S3 req/chunk = the proxy's own "
-        "upload_proxy_s3_* counts per client request, probes excluded; writes = of those, "
-        "the ones that write",
+        "(of the boto3 process for the direct row); S3/chunk = S3 calls per client request "
+        "from the proxy's own /metrics (upload_proxy_s3_request_duration_seconds_count by "
+        "operation, read before and after), mid-way probes excluded, per S3 part for plain "
+        "PUTs; (writes) = the calls among them that write",
         *notes,
         "",
         *report.table(list(rows.values())),
@@ -178,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                         choices=("all", "table", "concurrency", "profile"),
                         help="all (default) = table + concurrency; profile = py-spy on the "
                              "S3 proxy (plain PUT and 8 MiB chunks)")
-    parser.add_argument("--size", type=parse_size, default=256 * MIB,
-                        help="bytes uploaded to the filesystem store (default 256MiB)")
-    parser.add_argument("--s3-size", type=parse_size, default=256 * MIB,
-                        help="bytes uploaded through moto (default 256MiB)")
+    parser.add_argument("--size", type=parse_size, default=128 * MIB,
+                        help="bytes uploaded to the filesystem store (default 128MiB)")
+    parser.add_argument("--s3-size", type=parse_size, default=128 * MIB,
+                        help="bytes uploaded through moto and to the floor (default 128MiB)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (default 3)")
     parser.add_argument("--store", choices=("filesystem", "s3", "both"), default="both",
                         help="stores of the table (default both)")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,18 +29,21 @@ from .common import (
     BUCKET,
     KIB,
     MIB,
+    START_TIMEOUT,
+    ChildFailed,
     ProcessWatch,
+    child_env,
     describe,
     file_crc,
     human_size,
     parse_size,
     raise_fd_limit,
+    spawn,
     stop_child,
 )
 
 SLOW_TICK = 0.5
 PROBE_TARGETS = 20
-PROBERS = 2
 PROBE_GAP = 0.02
 
 
@@ -48,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="concurrent uploads (default 1000)")
     g.add_argument("--upload-size", type=parse_size, default=256 * KIB,
                    help="bytes per concurrent upload (default 256KiB)")
-    g.add_argument("--slow-seconds", type=float, default=10.0,
-                   help="how long each upload trickles before full speed (default 10)")
+    g.add_argument("--slow-seconds", type=float, default=8.0,
+                   help="how long each upload trickles before full speed (default 8)")
     g.add_argument("--slow-rate", type=parse_size, default=4 * KIB,
                    help="bytes per second while trickling (default 4KiB)")
     g.add_argument("--ramp-seconds", type=float, default=3.0,
@@ -98,25 +103,43 @@ async def chunk(session: aiohttp.ClientSession, url: str, data: bytes, start: in
         return resp.status
 
 
-async def prober(session: aiohttp.ClientSession, urls: list[str], stop: asyncio.Event,
-                 latencies: list[float], statuses: dict[int, int], deadline: float) -> None:
-    rng = random.Random(len(latencies))
+# The prober runs in a process of its own, so the latency it reports is the
+# proxy's, not the lag of the client loop that drives the 1,000 uploads.
+PROBER = r"""
+import asyncio, json, random, sys, time
+import aiohttp
+
+gap, limit, urls = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+
+async def main():
+    latencies, statuses = [], {}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sys.stdin.fileno(), stop.set)
     headers = {"Content-Range": "bytes */*", "Content-Length": "0"}
-    while not stop.is_set() and time.monotonic() < deadline:
-        url = rng.choice(urls)
-        started = time.perf_counter()
-        try:
-            async with session.put(url, headers=headers, allow_redirects=False) as resp:
-                await resp.read()
-                statuses[resp.status] = statuses.get(resp.status, 0) + 1
-        except (aiohttp.ClientError, TimeoutError):
-            statuses[0] = statuses.get(0, 0) + 1
-        latencies.append(time.perf_counter() - started)
-        with_wait = PROBE_GAP
-        try:
-            await asyncio.wait_for(stop.wait(), with_wait)
-        except TimeoutError:
-            pass
+    rng = random.Random(1)
+    deadline = time.monotonic() + limit
+    print("READY", flush=True)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        while not stop.is_set() and time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                async with s.put(rng.choice(urls), headers=headers,
+                                 allow_redirects=False) as resp:
+                    await resp.read()
+                    key = str(resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                key = type(exc).__name__
+            latencies.append(time.perf_counter() - started)
+            statuses[key] = statuses.get(key, 0) + 1
+            try:
+                await asyncio.wait_for(stop.wait(), gap)
+            except TimeoutError:
+                pass
+    print(json.dumps({"latencies": latencies, "statuses": statuses}), flush=True)
+
+asyncio.run(main())
+"""
 
 
 def s3_crc(endpoint: str, key: str) -> tuple[int, int]:
@@ -163,12 +186,17 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             watch = ProcessWatch(proxy.pid)
             watch.start()
             started = time.monotonic()
-            latencies: list[float] = []
-            statuses: dict[int, int] = {}
-            stop = asyncio.Event()
-            deadline = started + args.slow_seconds + args.ramp_seconds + 600
-            probes = [asyncio.create_task(prober(side, targets, stop, latencies, statuses,
-                                                 deadline)) for _ in range(PROBERS)]
+            prober = await spawn("prober", [sys.executable, "-c", PROBER, str(PROBE_GAP),
+                                            str(args.slow_seconds + args.ramp_seconds + 600),
+                                            *targets], child_env({}), tmp / "prober.log",
+                                 pipes=True)
+            assert prober.proc.stdout is not None and prober.proc.stdin is not None
+            line = await asyncio.wait_for(prober.proc.stdout.readline(), START_TIMEOUT)
+            if line.strip() != b"READY":
+                raise ChildFailed(prober, f"did not get ready (said {line[:200]!r})")
+            watch = ProcessWatch(proxy.pid)
+            watch.start()
+            started = time.monotonic()
             uploads = [
                 asyncio.create_task(slow_put(
                     session, f"{proxy.url}/upload/c-{i:05d}.bin", content(base, i),
@@ -177,9 +205,15 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             ]
             outcomes = await asyncio.gather(*uploads, return_exceptions=True)
             wall = time.monotonic() - started
-            stop.set()
-            await asyncio.gather(*probes, return_exceptions=True)
+            prober.proc.stdin.write(b"stop\n")
+            await prober.proc.stdin.drain()
+            line = await asyncio.wait_for(prober.proc.stdout.readline(), 60)
             usage = watch.stop()
+            await stop_child(prober)
+            probed = json.loads(line)
+            latencies, statuses = probed["latencies"], probed["statuses"]
+            if not latencies:
+                raise RuntimeError("the prober sent no probe")
             for j, url in enumerate(targets):
                 status = await chunk(side, url, content(base, n + j), half, size)
                 if status != 200:

@@ -53,9 +53,9 @@ class Row:
 
     def ops(self) -> dict[str, float]:
         """Median S3 calls per client request, by operation."""
-        good = [r for r in self.runs if r.ok and r.s3_ops is not None and r.requests]
+        good = [r for r in self.runs if r.ok and r.s3_ops is not None and r.units]
         names = sorted({op for r in good for op in (r.s3_ops or {})})
-        return {op: median([(r.s3_ops or {}).get(op, 0) / r.requests for r in good])
+        return {op: median([(r.s3_ops or {}).get(op, 0) / r.units for r in good])
                 for op in names}
 
     def to_json(self) -> dict[str, Any]:
@@ -70,22 +70,26 @@ def _c(s: Stat | None, fmt: str) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    head = (f"{'run':<46} {'MB/s':>19} {'CPU-s/GiB':>19} {'S3 req/chunk':>13} "
-            f"{'writes':>7} {'peak RSS MiB':>19} ok")
+    head = (f"{'run':<44} {'MB/s':>15} {'CPU-s/GiB':>17} {'S3/chunk (writes)':>18} "
+            f"{'peak RSS MiB':>14}  ok")
     out = [head, "-" * len(head)]
     for row in rows:
         ok = all(r.ok for r in row.runs)
-        out.append(f"{row.label:<46} {_c(row.stat('mb_s'), '.0f'):>19} "
-                   f"{_c(row.stat('cpu'), '.2f'):>19} {_c(row.stat('s3'), '.2f'):>13} "
-                   f"{_c(row.stat('s3w'), '.2f'):>7} {_c(row.stat('rss'), '.0f'):>19} "
-                   f"{'ok' if ok else 'FAILED'}")
+        s3, s3w = row.stat("s3"), row.stat("s3w")
+        calls = "-" if s3 is None or s3w is None else f"{s3.median:.2f} ({s3w.median:.2f})"
+        if s3 is not None and row.runs and row.runs[0].per_part:
+            calls = "/part " + calls
+        out.append(f"{row.label:<44} {_c(row.stat('mb_s'), '.0f'):>15} "
+                   f"{_c(row.stat('cpu'), '.2f'):>17} {calls:>18} "
+                   f"{_c(row.stat('rss'), '.0f'):>14}  {'ok' if ok else 'FAILED'}")
     out.append("")
     for row in rows:
         ops = row.ops()
         if ops and row.key.startswith("s3"):
             probe = row.stat("probe")
+            per = "part" if row.runs[0].per_part else "chunk"
             text = ", ".join(f"{op} {n:.2f}" for op, n in ops.items())
-            out.append(f"  {row.label}: S3 calls per request: {text}"
+            out.append(f"  {row.label}: S3 calls per {per}: {text}"
                        + (f"; per probe {probe.median:g}" if probe else ""))
     return out
 

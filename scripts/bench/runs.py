@@ -67,6 +67,14 @@ class RunResult:
     checks: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    #: S3 calls are counted per S3 part (a plain PUT), not per client request.
+    per_part: bool = False
+
+    @property
+    def units(self) -> int:
+        if self.per_part and self.s3_ops:
+            return self.s3_ops.get("UploadPart", 0)
+        return self.requests
 
     @property
     def ok(self) -> bool:
@@ -86,15 +94,15 @@ class RunResult:
 
     @property
     def s3_per_request(self) -> float | None:
-        if self.s3_ops is None or not self.requests:
+        if self.s3_ops is None or not self.units:
             return None
-        return sum(self.s3_ops.values()) / self.requests
+        return sum(self.s3_ops.values()) / self.units
 
     @property
     def s3_writes_per_request(self) -> float | None:
-        if self.s3_ops is None or not self.requests:
+        if self.s3_ops is None or not self.units:
             return None
-        return sum(n for op, n in self.s3_ops.items() if op in S3_WRITES) / self.requests
+        return sum(n for op, n in self.s3_ops.items() if op in S3_WRITES) / self.units
 
     def to_json(self) -> dict[str, Any]:
         usage = self.usage
@@ -404,7 +412,7 @@ async def s3_proxy_run(
         label += " (" + ", ".join(
             f"{k.rsplit('__', 1)[-1].lower()} "
             f"{human_size(int(v)) if v.isdigit() else v}" for k, v in extra.items()) + ")"
-    result = RunResult(label=label, size=size)
+    result = RunResult(label=label, size=size, per_part=chunk is None)
     moto = proxy = None
     name = "bench.bin"
     try:
@@ -461,7 +469,7 @@ def _json_line(child: Child, line: bytes) -> dict[str, Any]:
 async def direct_run(ctx: Ctx, part_size: int) -> RunResult:
     size = ctx.args.s3_size
     result = RunResult(label=f"direct boto3 multipart ({human_size(part_size)} parts)",
-                       size=size)
+                       size=size, per_part=True)
     moto = direct = None
     key = "bench-direct.bin"
     try:
