@@ -70,7 +70,8 @@ def _c(s: Stat | None, fmt: str) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    head = (f"{'run':<44} {'MB/s':>15} {'CPU-s/GiB':>17} {'S3/chunk (writes)':>18} "
+    w = max([44, *(len(row.label) for row in rows)])
+    head = (f"{'run':<{w}} {'MB/s':>15} {'CPU-s/GiB':>17} {'S3/chunk (writes)':>18} "
             f"{'peak RSS MiB':>14}  ok")
     out = [head, "-" * len(head)]
     for row in rows:
@@ -79,7 +80,7 @@ def table(rows: list[Row]) -> list[str]:
         calls = "-" if s3 is None or s3w is None else f"{s3.median:.2f} ({s3w.median:.2f})"
         if s3 is not None and row.runs and row.runs[0].per_part:
             calls = "/part " + calls
-        out.append(f"{row.label:<44} {_c(row.stat('mb_s'), '.0f'):>15} "
+        out.append(f"{row.label:<{w}} {_c(row.stat('mb_s'), '.0f'):>15} "
                    f"{_c(row.stat('cpu'), '.2f'):>17} {calls:>18} "
                    f"{_c(row.stat('rss'), '.0f'):>14}  {'ok' if ok else 'FAILED'}")
     out.append("")

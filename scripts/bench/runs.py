@@ -411,7 +411,8 @@ async def s3_proxy_run(
         # The config keys changed, shortened: APP__STORAGE__S3__CHECKSUM_MODE -> checksum_mode.
         label += " (" + ", ".join(
             f"{k.rsplit('__', 1)[-1].lower()} "
-            f"{human_size(int(v)) if v.isdigit() else v}" for k, v in extra.items()) + ")"
+            f"{human_size(int(v)) if v.isdigit() and int(v) >= MIB else v}"
+            for k, v in extra.items()) + ")"
     result = RunResult(label=label, size=size, per_part=chunk is None)
     moto = proxy = None
     name = "bench.bin"
