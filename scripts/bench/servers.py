@@ -4,6 +4,7 @@ aiohttp references, the direct boto3 upload, moto, and the Node peer
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -230,7 +231,9 @@ async def start_moto(tmp: Path, tag: str) -> Child:
     return moto
 
 
+@functools.lru_cache(maxsize=8)
 def s3_client(endpoint: str) -> object:
+    """One boto3 client per moto (they are thread-safe; making one costs ~0.1 s)."""
     import boto3  # only the S3 part needs it
 
     return boto3.client(
