@@ -70,6 +70,40 @@ def summarise(raw: Path) -> tuple[int, list[tuple[str, float, float]]]:
     return total, rows
 
 
+#: Groups of frames (substrings of a stack) whose share docs/performance.md reports.
+GROUPS = {
+    "aiohttp client sending S3 bodies (write_with_length)": ("write_with_length",),
+    "reading the client's body": ("RequestHandler.data_received",
+                                  "_read_ready__data_received", "RequestBody._read"),
+    "all of botocore/aiobotocore _make_api_call": ("_make_api_call",),
+    "  signing (signers, auth, hmac)": ("signers.py", "botocore/auth.py", "hmac.py"),
+    "  serialising, validating, parsing": ("serialize.py", "validate.py", "parsers.py",
+                                           "botocore/model.py"),
+    "new TCP connections (connect, close)": ("_sock_connect", "_real_close",
+                                             "create_connection", "BaseConnector.connect"),
+    "Records.put (record PutObject)": ("Records.put",),
+    "Records.read/load (record GetObject)": ("Records.read", "Records.load"),
+    "StagedData (staged tail PUT, fill GET, delete)": ("StagedData.",),
+    "Writer._take (copy into the part buffer, CRCs)": ("Writer._take",),
+    "crc32c_extend": ("crc32c_extend",),
+}
+
+
+def groups(raw: Path) -> list[tuple[str, float]]:
+    hits: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        for name, keys in GROUPS.items():
+            if any(k in stack for k in keys):
+                hits[name] += n
+    return [(name, 100 * hits[name] / total) for name in GROUPS] if total else []
+
+
 def top_inclusive(raw: Path, project: str = "app/") -> list[tuple[str, float]]:
     """The project's own functions with the largest share of samples anywhere on the stack."""
     anywhere: Counter[str] = Counter()
@@ -137,5 +171,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         lines += [f"  {own:7.1f} {anywhere:8.1f}  {f}" for f, own, anywhere in rows]
         lines.append("  the project's own functions, by share of samples anywhere on the stack:")
         lines += [f"  {'':7} {share:8.1f}  {f}" for f, share in top_inclusive(raw)]
+        lines.append("  grouped (share of samples with any of these frames on the stack):")
+        lines += [f"  {'':7} {share:8.1f}  {name}" for name, share in groups(raw)]
         lines.append("")
     return {"lines": lines, "ok": ok}
