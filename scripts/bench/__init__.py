@@ -1,0 +1,1 @@
+"""The upload benchmark (entry: scripts/benchmark.py); see docs/performance.md."""
