@@ -170,6 +170,44 @@ class UploadEngine:
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(info, body, lease, plan, digests=digests, check=check)
 
+    async def append(
+        self,
+        name: str,
+        start: int,
+        body: Body,
+        *,
+        length: int | None,
+        total: int | None,
+        grant: Grant,
+        mode: rules.Mode = rules.Mode.EXACT_OFFSET,
+        check: BodyCheck | None = None,
+    ) -> Outcome:
+        """Bytes from ``start`` of an existing session: ``length`` of them, or
+        (None) until the body ends, as a tus ``PATCH`` sent with chunked
+        transfer-encoding does. ``total`` settles a deferred length."""
+        limits = self._limits(grant)
+        rules.check_declared_size(total, limits)
+        request = rules.AppendRequest(start=start, length=length, total=total)
+        async with self._writers.hold(name) as lease:
+            info = await self._current(name, grant)
+            if info.is_complete:
+                rules.check_append_to_complete(info, request, mode)
+                return Outcome(info)
+            plan = rules.plan_append(info, request, mode, limits)
+            return await self._stream(info, body, lease, plan, digests=None, check=check)
+
+    async def lookup(self, name: str) -> UploadInfo:
+        """A live session's state before any auth, so a dialect that addresses
+        sessions by id can learn which object a request is about; the owner
+        is checked by the call that follows, with the grant."""
+        info = await self._store.get(name)
+        rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=None)
+        return info
+
+    def expires_at(self, info: UploadInfo) -> float | None:
+        """When an unfinished upload expires if it stays idle (None: never)."""
+        return None if info.is_complete else info.updated_at + self._config.upload_ttl
+
     async def put_whole(
         self,
         name: str,

@@ -27,6 +27,7 @@ from app.errors import AuthRefused, AuthUnavailable, Forbidden, Unauthorized
 from app.http import keys, ops_views
 from app.http.dialect import Dialect, mount
 from app.http.dialects.ours import OurDialect
+from app.http.dialects.tus import TusDialect
 from app.http.middleware import errors_and_access_log
 from app.ops.health import Readiness
 from app.ops.metrics import Metrics, MetricsAware
@@ -39,7 +40,7 @@ StoreOpener = Callable[[StorageConfig], Awaitable[Store]]
 
 def dialects_for(config: Config) -> list[Dialect]:
     """The wire dialects this configuration serves."""
-    return [OurDialect()]
+    return [OurDialect(), TusDialect(config.tus)]
 
 
 class MeasuredAuthorizer:
