@@ -283,3 +283,21 @@ async def test_concatenation_refuses_unfinished_or_foreign(proxies, http) -> Non
     headers = {**TUS, "Upload-Concat": f"final;{partial}", "Upload-Length": "10"}
     async with http.post(f"{proxy.url}/files/", headers=headers) as resp:
         assert resp.status == 400
+
+
+async def test_cleanup_job_expires_idle_tus_uploads(proxies, http, store_harness) -> None:  # noqa: F811
+    from app.ops.cleanup import run_cleanup
+
+    proxy = await proxies.start()
+    idle = await create(http, proxy, 10)
+    assert (await patch(http, idle, b"12345", 0)).status == 204
+    done = await create(http, proxy, 2, **{"Upload-Metadata": meta(name="kept.bin")})
+    assert (await patch(http, done, b"ok", 0)).status == 204
+    store = proxy.app[keys.STORE]
+    info = await store.get(session_of(idle))
+    ttl = store_harness.storage.upload_ttl
+    report = await run_cleanup(store, older_than=ttl, now=info.updated_at + ttl + 60)
+    assert report.aborted == 1 and report.bytes_freed == 5
+    assert (await head(http, idle)).status == 404
+    # The finished upload's object stays; only its session record is forgotten.
+    assert await stored_object(store_harness, "tus/kept.bin") == b"ok"

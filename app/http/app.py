@@ -177,7 +177,7 @@ def completion_payload(info: UploadInfo) -> dict[str, object]:
     done = info.completed
     assert done is not None
     return {
-        "name": info.name,
+        "name": info.object_name,
         "key": done.key,
         "bucket": done.bucket,
         "size": done.size,
