@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import os
 import zlib
 from email.utils import parsedate_to_datetime
@@ -243,9 +244,13 @@ async def test_webhook_name_wins(proxies, http, store_harness) -> None:  # noqa:
     assert await stored_object(store_harness, "chosen/create.bin") == b"data"
 
 
-async def test_concatenation(proxies, http, store_harness) -> None:  # noqa: F811
+@pytest.mark.parametrize("sizes", [(MIB + 3, 5, 2 * MIB), (5 * MIB + 1, 5 * MIB, 100)],
+                         ids=["small", "large"])
+async def test_concatenation(proxies, http, store_harness, sizes,  # noqa: F811
+                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     proxy = await proxies.start()
-    pieces = [os.urandom(n) for n in (MIB + 3, 5, 2 * MIB)]
+    pieces = [os.urandom(n) for n in sizes]
     urls = []
     for piece in pieces:
         url = await create(http, proxy, len(piece), **{"Upload-Concat": "partial"})
@@ -268,6 +273,12 @@ async def test_concatenation(proxies, http, store_harness) -> None:  # noqa: F81
     info = await proxy.app[keys.STORE].get(session_of(final))
     assert info.completed is not None
     assert info.completed.crc32c == google_crc32c.value(b"".join(pieces))
+    # Joined in the store (no byte through the service) wherever it can:
+    # always on the filesystem, on S3 when every partial but the last has 5 MiB.
+    in_store = store_harness.kind == "filesystem" or min(sizes[:-1]) >= 5 * MIB
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("joined in the store" in m for m in messages) is in_store
+    assert any("streaming them" in m for m in messages) is not in_store
 
 
 async def test_concatenation_refuses_unfinished_or_foreign(proxies, http) -> None:  # noqa: F811

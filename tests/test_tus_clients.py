@@ -108,9 +108,10 @@ JS_CASES = {
     # The first 2 MiB go with the POST that creates the upload; the cut falls
     # in the PATCH after it.
     "with-upload": ({"uploadDataDuringCreation": True, "chunkSize": 2 * MIB}, 6 * MIB, 3 * MIB),
-    # Four partial uploads at once (concatenation); the one whose connection
-    # carries byte 9 MiB of the traffic is cut and resumes on its own.
-    "parallel": ({"parallelUploads": 4}, 16 * MIB, 9 * MIB),
+    # Four partial uploads of 6 MiB at once (concatenation, joined in the
+    # store); the one whose connection carries byte 13 MiB of the traffic is
+    # cut and resumes on its own.
+    "parallel": ({"parallelUploads": 4}, 24 * MIB, 13 * MIB),
 }
 
 
@@ -139,3 +140,4 @@ async def test_tus_js_client(proxies, store_harness, tus_js: Path, tmp_path: Pat
     if case == "parallel":
         assert info.metadata["tus-concat"].startswith("final;")
         assert len(info.metadata["tus-concat"].split()) == 4
+        assert any("joined in the store" in r.getMessage() for r in caplog.records)

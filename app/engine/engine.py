@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +27,8 @@ from app.errors import (
     TooLarge,
     UploadNotFound,
 )
-from app.stores.base import Store, UploadInfo
+from app.stores.base import CompletedObject, Store, UploadInfo
+from app.stores.concat import Concatenation
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,22 @@ class UploadEngine:
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(info, body, lease, plan, digests=None, check=check)
+
+    async def concatenate(
+        self, name: str, sources: Sequence[CompletedObject], joiner: Concatenation, grant: Grant
+    ) -> Outcome:
+        """Fill the new session ``name`` with finished objects, joined by the
+        store itself (``Concatenation``), and finish it."""
+        async with self._writers.hold(name):
+            info = await self._current(name, grant)
+            if info.is_complete:
+                return Outcome(info)
+            done = await joiner.join(info, sources)
+        log.info("upload %r complete: %d bytes joined in the store from %d objects",
+                 done.name, done.offset, len(sources))
+        if self._on_complete is not None:
+            await self._on_complete(done)
+        return Outcome(done)
 
     async def lookup(self, name: str) -> UploadInfo:
         """A live session's state before any auth, so a dialect that addresses

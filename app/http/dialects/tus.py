@@ -56,7 +56,6 @@ from app.http.dialects.tus_headers import (
     parse_metadata,
     parse_number,
 )
-from app.stores.concat import reader_for
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +183,7 @@ def _check_offset_type(request: web.Request) -> None:
 async def options(request: web.Request) -> web.StreamResponse:
     config = request.app[keys.CONFIG]
     extensions = list(_BASE_EXTENSIONS)
-    if reader_for(request.app[keys.STORE]) is not None:
+    if tus_concat.can_concatenate(request.app[keys.STORE]):
         extensions.append("concatenation")
     limit = config.storage.max_upload_size
     headers = {
@@ -262,8 +261,8 @@ async def create_final(
     """``Upload-Concat: final;<urls>``: one object from finished partial uploads."""
     if "Upload-Length" in request.headers:
         raise BadRequest("a final upload takes its length from its partial uploads")
-    reader = reader_for(request.app[keys.STORE])
-    if reader is None:
+    store = request.app[keys.STORE]
+    if not tus_concat.can_concatenate(store):
         raise BadRequest("this server's store cannot join uploads (no concatenation)")
     engine = edge.engine(request)
     partials = [await tus_concat.finished_partial(engine, id_session_name(NAME, upload_id))
@@ -283,7 +282,7 @@ async def create_final(
     )
     log.info("tus upload %s: joining %d partial uploads (%d bytes) into %r",
              upload_id, len(partials), info.total, target)
-    outcome = await tus_concat.assemble(engine, reader, info, partials, grant)
+    outcome = await tus_concat.assemble(engine, store, info, partials, grant)
     edge.note_outcome(request, outcome)
     headers = {"Location": location(request, upload_id)}
     headers.update(_state_headers(engine, outcome.info))

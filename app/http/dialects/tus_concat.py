@@ -1,10 +1,12 @@
 """tus concatenation: a final upload assembled from finished partial uploads.
 
-The partials are hidden objects the store already holds; their bytes are
-read back through the store's ``ObjectReader`` and appended to the final
-session by the engine like any other body, so the final object gets its
-CRC32C, completion callback and logs the usual way. Each partial is checked
-against the CRC32C it finished with as it is read: a partial that changed
+The partials are hidden objects the store already holds. Where the store can
+join them itself (``Concatenation``: S3 ``UploadPartCopy`` for partials of at
+least 5 MiB, ``copy_file_range`` on the filesystem) no byte passes through
+the service, and the final CRC32C is combined from the partials'. Otherwise
+their bytes are read back (``ObjectReader``) and appended to the final
+session by the engine like any other body; each partial is then checked
+against the CRC32C it finished with as it is read, so a partial that changed
 since stops the assembly before the final upload can finish.
 """
 
@@ -13,13 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-from app.core.digests import crc32c_combine, crc32c_extend
+from app.core.digests import crc32c_extend
 from app.core.grant import Grant
 from app.core.model import CompletedObject, UploadInfo
 from app.engine.engine import BodyInterrupted, Outcome, UploadEngine
 from app.errors import BadRequest, StorageUnavailable, UploadError
 from app.http.dialects.tus_headers import concat_of
-from app.stores.concat import ObjectReader
+from app.stores.base import Store
+from app.stores.concat import ObjectReader, concatenation_for, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +89,13 @@ class PartsBody:
                 yield held
 
 
+def can_concatenate(store: Store) -> bool:
+    return concatenation_for(store) is not None or reader_for(store) is not None
+
+
 async def assemble(
     engine: UploadEngine,
-    reader: ObjectReader,
+    store: Store,
     info: UploadInfo,
     partials: Sequence[UploadInfo],
     grant: Grant,
@@ -97,6 +104,30 @@ async def assemble(
     assert info.total is not None
     if info.total == 0:
         return await engine.status(info.name, 0, grant)
+    joiner = concatenation_for(store)
+    if joiner is not None and joiner.can_join(parts):
+        try:
+            return await engine.concatenate(info.name, parts, joiner, grant)
+        except UploadError:
+            # A partial gone or changed: the empty final upload is of no use.
+            await engine.cancel(info.name, grant)
+            raise
+    reader = reader_for(store)
+    if reader is None:
+        raise BadRequest("this server's store cannot join these uploads")
+    log.info("upload %r: the store cannot join these partials itself; streaming them",
+             info.name)
+    return await _stream(engine, reader, info, parts, grant)
+
+
+async def _stream(
+    engine: UploadEngine,
+    reader: ObjectReader,
+    info: UploadInfo,
+    parts: Sequence[CompletedObject],
+    grant: Grant,
+) -> Outcome:
+    assert info.total is not None
     body = PartsBody(reader, parts)
     outcome = await engine.append(info.name, 0, body, length=info.total, total=None, grant=grant)
     if not outcome.complete:
@@ -105,14 +136,4 @@ async def assemble(
         raise body.failure or StorageUnavailable(
             "the partial uploads could not be read back whole; try the final upload again"
         )
-    expected = 0
-    for part in parts:
-        expected = crc32c_combine(expected, part.crc32c, part.size)
-    done = outcome.info.completed
-    assert done is not None
-    if done.crc32c != expected:
-        # The store's own count of what it wrote disagrees with the partials.
-        log.error("final upload %r: CRC32C %08x, expected %08x from its partials",
-                  info.name, done.crc32c, expected)
-        raise StorageUnavailable("the assembled object does not match its partial uploads")
     return outcome
