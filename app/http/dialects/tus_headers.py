@@ -12,7 +12,7 @@ from email.utils import formatdate
 from urllib.parse import urlsplit
 
 from app.core.checksums import RequestChecksum
-from app.errors import BadRequest
+from app.errors import BadRequest, UploadError
 
 TUS_VERSION = "1.0.0"
 
@@ -26,12 +26,12 @@ MAX_PARTIALS = 32
 CONCAT_KEY = "tus-concat"
 
 
-class UnsupportedMediaType(BadRequest):
+class UnsupportedMediaType(UploadError):
     status = 415
     code = "unsupported_media_type"
 
 
-class VersionMismatch(BadRequest):
+class VersionMismatch(UploadError):
     """``Tus-Resumable`` names a version this server does not speak."""
 
     status = 412
