@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import zlib
+from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 
 import aiohttp
@@ -312,3 +313,34 @@ async def test_cleanup_job_expires_idle_tus_uploads(proxies, http, store_harness
     assert (await head(http, idle)).status == 404
     # The finished upload's object stays; only its session record is forgotten.
     assert await stored_object(store_harness, "tus/kept.bin") == b"ok"
+
+
+async def test_chunked_patch_and_length_rules(proxies, http, store_harness) -> None:  # noqa: F811
+    proxy = await proxies.start()
+    data = os.urandom(3 * MIB)
+    url = await create(http, proxy, None, **{"Upload-Defer-Length": "1",
+                                             "Upload-Metadata": meta(name="chunked.bin")})
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, 2 * MIB, 256 * 1024):
+            yield data[i:i + 256 * 1024]
+
+    # No Content-Length: chunked transfer-encoding, as streaming clients send.
+    async with http.patch(url, data=pieces(), headers={**OCTETS, "Upload-Offset": "0"}) as resp:
+        assert resp.status == 204 and resp.headers["Upload-Offset"] == str(2 * MIB)
+    # The length, once stated, holds: no contradicting it, no bytes past it.
+    resp = await patch(http, url, b"", 2 * MIB, **{"Upload-Length": str(3 * MIB)})
+    assert resp.status == 204
+    assert (await patch(http, url, b"x", 2 * MIB, **{"Upload-Length": "5"})).status == 400
+    too_long = await patch(http, url, data[2 * MIB:] + b"!", 2 * MIB)
+    assert too_long.status == 400
+    assert (await head(http, url)).headers["Upload-Offset"] == str(2 * MIB)
+    async with http.post(url, headers={**TUS, "X-HTTP-Method-Override": "HEAD"}) as resp:
+        assert resp.status == 200 and resp.headers["Upload-Length"] == str(3 * MIB)
+    async with http.post(url, headers={**TUS, "X-HTTP-Method-Override": "GET"}) as resp:
+        assert resp.status == 405 and resp.headers["Tus-Resumable"] == "1.0.0"
+    assert (await patch(http, url, data[2 * MIB:], 2 * MIB)).status == 204
+    assert await stored_object(store_harness, "tus/chunked.bin") == data
+    # Finished: a PATCH at its end changes nothing; anywhere else is 409.
+    assert (await patch(http, url, b"", len(data))).status == 204
+    assert (await patch(http, url, b"more", len(data))).status == 409
