@@ -75,3 +75,24 @@ async def test_completion_callback_names_the_object(main, proxies, http, store_h
     assert payload["name"] == "tus/cb/done.bin"
     assert payload["owner"] == "u1" and payload["size"] == len(data)
     assert payload["metadata"] == {"filename": "cb/done.bin", "user": "42"}
+
+
+async def test_a_joined_upload_calls_back_once_for_its_object(main, proxies, http) -> None:
+    proxy = await proxies.start(auth=auth_config(main.auth_url),
+                                callbacks=callbacks_config(main.callback_url))
+    urls = []
+    for piece in (os.urandom(5 * MIB), b"tail"):
+        headers = {**OCTETS, **T1, "Upload-Length": str(len(piece)), "Upload-Concat": "partial"}
+        async with http.post(f"{proxy.url}/files/", data=piece, headers=headers) as resp:
+            assert resp.status == 201
+            urls.append(resp.headers["Location"])
+    await eventually(lambda: len(main.answered) == 2)
+    headers = {**TUS, **T1, "Upload-Concat": "final;" + " ".join(urls),
+               "Upload-Metadata": meta(filename="joined/all.bin")}
+    async with http.post(f"{proxy.url}/files/", headers=headers) as resp:
+        assert resp.status == 201
+    await eventually(lambda: len(main.answered) == 3)
+    partials, final = main.callbacks[:2], json.loads(main.callbacks[2][1])
+    assert all(json.loads(raw)["metadata"]["tus-concat"] == "partial" for _, raw in partials)
+    assert final["name"] == "tus/joined/all.bin" and final["size"] == 5 * MIB + 4
+    assert final["owner"] == "u1"
