@@ -107,9 +107,8 @@ class UploadNotFound(UploadError):
 
 
 class UploadExpired(UploadNotFound):
-    """The upload existed but stayed idle past ``storage.upload_ttl``."""
-
-    code = "expired"
+    """The upload existed but stayed idle past ``storage.upload_ttl``. Its code
+    stays ``not_found`` (our dialect's contract); tus answers 410 for it."""
 
 
 class OffsetMismatch(UploadError):
