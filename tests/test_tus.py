@@ -344,3 +344,49 @@ async def test_chunked_patch_and_length_rules(proxies, http, store_harness) -> N
     # Finished: a PATCH at its end changes nothing; anywhere else is 409.
     assert (await patch(http, url, b"", len(data))).status == 204
     assert (await patch(http, url, b"more", len(data))).status == 409
+
+
+async def test_bytes_that_arrived_before_a_cut_count_even_if_unread(
+        proxies, http, store_harness) -> None:  # noqa: F811
+    """The body bytes the server holds when the connection drops count even
+    if the request had not read them yet (here it waits on auth)."""
+    import socket
+
+    from app.auth.webhook import AuthRequest
+    from app.core.grant import Grant
+
+    asked, gate = asyncio.Event(), asyncio.Event()
+
+    class GatedAppends:
+        async def authorize(self, request: AuthRequest) -> Grant:
+            if request.action == "append":
+                asked.set()
+                await gate.wait()
+            return Grant()
+
+    proxy = await proxies.start(authorizer=GatedAppends())
+    url = await create(http, proxy, MIB, **{"Upload-Metadata": meta(name="unread.bin")})
+    server = proxy.runner.server
+    assert server is not None
+    before = set(server.connections)
+    data = os.urandom(100_000)
+    head_lines = (f"PATCH /files/{url.rsplit('/', 1)[1]} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  "Tus-Resumable: 1.0.0\r\nContent-Type: application/offset+octet-stream\r\n"
+                  f"Upload-Offset: 0\r\nContent-Length: {MIB}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    try:
+        await asyncio.to_thread(sock.sendall, head_lines + data)
+        async with asyncio.timeout(10):
+            await asked.wait()  # the request is in, waiting on auth
+    finally:
+        sock.close()
+    (cut,) = set(server.connections) - before
+    async with asyncio.timeout(10):  # the server has seen the connection go
+        while cut.transport is not None:
+            await asyncio.sleep(0.01)
+    gate.set()
+    store = proxy.app[keys.STORE]
+    async with asyncio.timeout(10):
+        while (await store.get(session_of(url))).offset < len(data):
+            await asyncio.sleep(0.02)
+    assert (await store.get(session_of(url))).offset == len(data)
