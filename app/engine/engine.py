@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,7 +29,8 @@ from app.errors import (
     TooLarge,
     UploadNotFound,
 )
-from app.stores.base import Store, UploadInfo
+from app.stores.base import CompletedObject, Store, UploadInfo
+from app.stores.concat import Concatenation
 
 log = logging.getLogger(__name__)
 
@@ -191,16 +192,19 @@ class UploadEngine:
         check: BodyCheck | None = None,
     ) -> Outcome:
         """Bytes from ``start`` of an existing session, ``length`` of them or,
-        when None (no Content-Length), until the body ends; the body may be
-        empty. ``finish_at_eof``: a body that ends cleanly is the object's end
-        (the IETF draft's ``Upload-Complete: ?1``), so its total is settled and
-        the upload finished. A completed upload is returned as it is."""
+        when None (no Content-Length, as a tus ``PATCH`` sent with chunked
+        transfer-encoding), until the body ends; the body may be empty.
+        ``total`` settles a deferred length. ``finish_at_eof``: a body that
+        ends cleanly is the object's end (the IETF draft's ``Upload-Complete:
+        ?1``), so its total is settled and the upload finished. An append to a
+        completed upload changes nothing."""
         limits = self._limits(grant)
         rules.check_declared_size(total, limits)
         request = rules.AppendRequest(start=start, length=length, total=total)
-        async with self._writers.hold(name) as lease:
+        async with self._exclusive(name, grant) as lease:
             info = await self._current(name, grant)
             if info.is_complete:
+                rules.check_append_to_complete(info, request, mode)
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(
@@ -208,14 +212,34 @@ class UploadEngine:
                 settle_total_at_eof=finish_at_eof,
             )
 
+    async def concatenate(
+        self, name: str, sources: Sequence[CompletedObject], joiner: Concatenation, grant: Grant
+    ) -> Outcome:
+        """Fill the new session ``name`` with finished objects, joined by the
+        store itself (``Concatenation``), and finish it."""
+        async with self._exclusive(name, grant):
+            info = await self._current(name, grant)
+            if info.is_complete:
+                return Outcome(info)
+            done = await joiner.join(info, sources)
+        log.info("upload %r complete: %d bytes joined in the store from %d objects",
+                 done.name, done.offset, len(sources))
+        if self._on_complete is not None:
+            await self._on_complete(done)
+        return Outcome(done)
+
     async def lookup(self, name: str) -> UploadInfo:
         """The live upload ``name``, before any grant is known: how a dialect
-        learns which object an id session finishes into, to ask the auth
-        webhook about that object. Owner binding is left to the request that
-        follows with its grant."""
+        that addresses sessions by id learns which object a request is about,
+        to ask the auth webhook about that object. Owner binding is left to
+        the request that follows with its grant."""
         info = await self._store.get(name)
         rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=None)
         return info
+
+    def expires_at(self, info: UploadInfo) -> float | None:
+        """When an unfinished upload expires if it stays idle (None: never)."""
+        return None if info.is_complete else info.updated_at + self._config.upload_ttl
 
     async def put_whole(
         self,

@@ -29,6 +29,7 @@ from app.http.cors_middleware import CORS_POLICY, add_cors_headers, cors_guard, 
 from app.http.dialect import Dialect, mount
 from app.http.dialects.ietf import IetfDialect
 from app.http.dialects.ours import OurDialect
+from app.http.dialects.tus import TusDialect
 from app.http.middleware import errors_and_access_log
 from app.ops.health import Readiness
 from app.ops.metrics import Metrics
@@ -42,7 +43,7 @@ StoreOpener = Callable[[StorageConfig], Awaitable[Store]]
 def dialects_for(config: Config) -> list[Dialect]:
     """The wire dialects this configuration serves; on a shared path the
     first whose route accepts a request gets it (IETF before tus)."""
-    return [OurDialect(), IetfDialect(config)]
+    return [OurDialect(), IetfDialect(config), TusDialect(config.tus)]
 
 
 class MeasuredAuthorizer:
