@@ -29,8 +29,7 @@ from app.errors import (
     TooLarge,
     UploadNotFound,
 )
-from app.stores.base import CompletedObject, Store, UploadInfo
-from app.stores.concat import Concatenation
+from app.stores.base import CompletedObject, Concatenation, Store, UploadInfo
 
 log = logging.getLogger(__name__)
 

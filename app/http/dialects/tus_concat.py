@@ -21,8 +21,7 @@ from app.core.model import CompletedObject, UploadInfo
 from app.engine.engine import BodyInterrupted, Outcome, UploadEngine
 from app.errors import BadRequest, StorageUnavailable, UploadError
 from app.http.dialects.tus_headers import concat_of
-from app.stores.base import Store
-from app.stores.concat import ObjectReader, concatenation_for, reader_for
+from app.stores.base import Concatenation, ObjectReader, Store
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class PartsBody:
 
 
 def can_concatenate(store: Store) -> bool:
-    return concatenation_for(store) is not None or reader_for(store) is not None
+    return isinstance(store, Concatenation | ObjectReader)
 
 
 async def assemble(
@@ -104,20 +103,18 @@ async def assemble(
     assert info.total is not None
     if info.total == 0:
         return await engine.status(info.name, 0, grant)
-    joiner = concatenation_for(store)
-    if joiner is not None and joiner.can_join(parts):
+    if isinstance(store, Concatenation) and store.can_join(parts):
         try:
-            return await engine.concatenate(info.name, parts, joiner, grant)
+            return await engine.concatenate(info.name, parts, store, grant)
         except UploadError:
             # A partial gone or changed: the empty final upload is of no use.
             await engine.cancel(info.name, grant)
             raise
-    reader = reader_for(store)
-    if reader is None:
+    if not isinstance(store, ObjectReader):
         raise BadRequest("this server's store cannot join these uploads")
     log.info("upload %r: the store cannot join these partials itself; streaming them",
              info.name)
-    return await _stream(engine, reader, info, parts, grant)
+    return await _stream(engine, store, info, parts, grant)
 
 
 async def _stream(

@@ -18,6 +18,7 @@ This module only composes; each job has its own module:
 * ``append``    the write path: batches, checkpoints, stale-writer checks
 * ``sessions``  create, finish and cancel, in a crash-safe order
 * ``outbox``    pending completion callbacks
+* ``concat``    finished objects read back and joined (tus concatenation)
 * ``fsio``      blocking I/O helpers and the ``OSError`` boundary
 
 Durability (with ``filesystem.fsync``, the default): data is fsynced before
@@ -37,13 +38,14 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 
 from app.config import StorageConfig
 from app.core import rules
 from app.errors import StorageUnavailable
-from app.stores.base import UploadInfo
+from app.stores.base import CompletedObject, UploadInfo
 from app.stores.filesystem import append, fsio, outbox, recovery, sessions, sidecars
+from app.stores.filesystem.concat import Joiner
 from app.stores.filesystem.paths import Layout, check_name_text, check_session_name, prepare_root
 
 #: Sidecars read per thread hop while listing.
@@ -56,6 +58,7 @@ class FilesystemStore:
     def __init__(self, config: StorageConfig, layout: Layout) -> None:
         self._config = config
         self._layout = layout
+        self._joiner = Joiner(layout)
 
     @classmethod
     async def open(cls, config: StorageConfig) -> FilesystemStore:
@@ -138,6 +141,19 @@ class FilesystemStore:
 
     async def check_health(self) -> None:
         await fsio.in_thread(_check_health, self._layout)
+
+    # -- ObjectReader, Concatenation -----------------------------------------
+
+    def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
+        return self._joiner.read_object(done)
+
+    def can_join(self, sources: Sequence[CompletedObject]) -> bool:
+        return True  # a file can be assembled from pieces of any size
+
+    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+        check_session_name(self._layout, info.name)
+        filled = await fsio.in_thread(self._joiner.fill, info, sources)
+        return await self.finish(filled)
 
     # -- CallbackOutbox ------------------------------------------------------
 

@@ -36,6 +36,9 @@ collaborators that each own one concern:
 * ``completion.Completion``: the MPU (and its staged tail) into the object.
 * ``sweeper.S3OrphanSweeper``: crash leftovers, found and removed (the
   store's ``OrphanSweeper`` capability delegates to it).
+* ``concat.Joiner``: finished objects read back (ranged GETs) and joined
+  with ``UploadPartCopy`` (the ``ObjectReader`` and ``Concatenation``
+  capabilities delegate to it).
 """
 
 from __future__ import annotations
@@ -43,18 +46,19 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
 from app.config import StorageConfig
 from app.core import rules
-from app.core.model import PendingCallback, UploadInfo, oldest_first
+from app.core.model import CompletedObject, PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
 from app.stores.s3.completion import Completion, object_metadata
+from app.stores.s3.concat import Joiner
 from app.stores.s3.errors import S3Refusal
 from app.stores.s3.parts import BufferGauge
 from app.stores.s3.records import Layout, Record, Records
@@ -71,8 +75,8 @@ _CACHE_PARTS = 4
 class S3Store:
     """The ``Store`` contract on S3 multipart uploads (see ``app.stores.base``).
 
-    Also a ``HealthCheck``, a ``CallbackOutbox``, an ``OrphanSweeper`` and
-    ``ReportsCalls``.
+    Also a ``HealthCheck``, a ``CallbackOutbox``, an ``OrphanSweeper``,
+    ``ReportsCalls``, an ``ObjectReader`` and a ``Concatenation``.
     """
 
     def __init__(self, config: StorageConfig, client: S3Client) -> None:
@@ -89,6 +93,7 @@ class S3Store:
                               parts_in_flight=config.parts_in_flight)
         self._completion = Completion(client, self._layout, self._staged, self._gauge)
         self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged)
+        self._joiner = Joiner(client, self.records, self._layout)
 
     @classmethod
     async def open(cls, config: StorageConfig) -> S3Store:
@@ -257,6 +262,17 @@ class S3Store:
                                             record.upload_id)
         except UploadError:
             pass  # logged by the client; an unaborted MPU only costs storage until swept
+
+    # -- ObjectReader, Concatenation ----------------------------------------
+
+    def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
+        return self._joiner.read_object(done)
+
+    def can_join(self, sources: Sequence[CompletedObject]) -> bool:
+        return self._joiner.can_join(sources)
+
+    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+        return await self._joiner.join(info, sources)
 
     # -- HealthCheck --------------------------------------------------------
 
