@@ -19,6 +19,7 @@ ever sees them::
     ├── Forbidden (403)           auth webhook refused / owner mismatch
     ├── AuthRefused (any 4xx the webhook chose)
     ├── UploadNotFound (404)      never created, cancelled or expired
+    │   └── UploadExpired         idle past storage.upload_ttl (tus: 410)
     ├── OffsetMismatch (409)      chunk starts after the stored offset
     ├── TooLarge (413)
     ├── StorageRefused (400)      the backend refuses the request for good
@@ -105,6 +106,11 @@ class AuthRefused(UploadError):
 class UploadNotFound(UploadError):
     status = 404
     code = "not_found"
+
+
+class UploadExpired(UploadNotFound):
+    """The upload existed but stayed idle past ``storage.upload_ttl``. Its code
+    stays ``not_found`` (our dialect's contract); tus answers 410 for it."""
 
 
 class OffsetMismatch(UploadError):

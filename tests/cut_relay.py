@@ -1,85 +1,77 @@
-"""A TCP relay in front of the proxy that drops one client connection once a
-set number of bytes went from clients to the proxy: a link dying mid-body at
-an exact byte, for clients the test cannot reach into (tus-js-client)."""
+"""An asyncio TCP relay in front of the proxy that cuts a connection once,
+exactly when the bytes clients sent through it reach a count."""
 
 from __future__ import annotations
 
-import socket
-import threading
+import asyncio
+import contextlib
 from types import TracebackType
 
 
 class CuttingRelay:
-    def __init__(self, target_port: int, cut_at: int) -> None:
-        self._target = ("127.0.0.1", target_port)
-        self._cut_at = cut_at
-        self._lock = threading.Lock()
-        self._forwarded = 0
-        #: Set once the cut happened; ``cut_bytes`` is then where.
-        self.cut = threading.Event()
-        self.cut_bytes = 0
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self.port = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
+    """Forwards 127.0.0.1:<port> to ``target_port``. When the client-to-server
+    bytes summed over every connection reach ``cut_after``, the connection
+    carrying that byte is cut: the bytes before it reach the server, then the
+    stream ends; the client's side is reset. Later connections pass untouched."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self._target_port = target_port
+        self._cut_after = cut_after
+        self._server: asyncio.Server | None = None
+        self.sent = 0
+        self.cuts = 0
+        self.connections = 0
 
-    def __enter__(self) -> CuttingRelay:
-        self._spawn(self._accept)
+        self.url = ""
+
+    async def __aenter__(self) -> CuttingRelay:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
-    def __exit__(
+    async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._listener.close()
+        assert self._server is not None
+        self._server.close()
 
-    def _spawn(self, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
-        thread.start()
-        self._threads.append(thread)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            self._spawn(self._pump, client, upstream, True)
-            self._spawn(self._pump, upstream, client, False)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        down = asyncio.create_task(self._pump(up_reader, writer))
         try:
-            while data := src.recv(65536):
-                if to_server:
-                    data, cutting = self._admit(data)
-                    if data:
-                        dst.sendall(data)
-                    if cutting:
-                        break
-                else:
-                    dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            await self._pump_up(reader, up_writer, writer)
+        finally:
+            down.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await down
+            for w in (writer, up_writer):
+                w.close()
 
-    def _admit(self, data: bytes) -> tuple[bytes, bool]:
-        """The part of ``data`` to forward, and whether to cut after it."""
-        with self._lock:
-            if self.cut.is_set() or self._forwarded + len(data) < self._cut_at:
-                self._forwarded += len(data)
-                return data, False
-            keep = self._cut_at - self._forwarded
-            self._forwarded = self._cut_at
-            self.cut_bytes = self._cut_at
-            self.cut.set()
-            return data[:keep], True
+    async def _pump_up(self, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter,
+                       client: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            room = self._cut_after - self.sent
+            if self.cuts == 0 and len(data) >= room:
+                upstream.write(data[:room])
+                await upstream.drain()
+                self.sent += room
+                self.cuts += 1
+                # The server gets every byte before the cut and then the end
+                # of the stream; the client sees its connection reset.
+                upstream.close()
+                client.transport.abort()
+                return
+            self.sent += len(data)
+            upstream.write(data)
+            await upstream.drain()
+        if upstream.can_write_eof():
+            upstream.write_eof()
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()

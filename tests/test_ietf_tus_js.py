@@ -82,11 +82,11 @@ async def test_tus_js_client_ietf_mode_resumes_after_a_cut(
     source = tmp_path / "source.bin"
     source.write_bytes(data)
     cut_at = 9 * MIB + 17
-    with CuttingRelay(proxy.port, cut_at) as relay:
+    async with CuttingRelay(proxy.port, cut_after=cut_at) as relay:
         result = await asyncio.to_thread(
             run_client, root, f"{relay.url}/files/", source, protocol, chunk, with_data
         )
-        assert relay.cut.is_set()
+        assert relay.cuts == 1
     methods = [m for m, _, _ in result["seen"]]
     # Created, cut, asked for the offset and resumed: never started over.
     assert methods.count("POST") == 1, result["seen"]

@@ -52,3 +52,43 @@ def parse_goog_hash(header: str) -> dict[str, bytes]:
             raise ValueError(f"x-goog-hash {algo} has the wrong length")
         found[algo] = raw
     return found
+
+
+# -- combining CRC32C values --------------------------------------------------
+# crc(A || B) follows from crc(A), crc(B) and len(B) alone: shifting crc(A)
+# past len(B) zero bytes is a multiplication by x^(8·len(B)) in GF(2)[x] modulo
+# the CRC polynomial (the classic zlib crc32_combine construction). That lets a
+# store that assembled an object from parts state its CRC32C without reading it.
+
+_CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
+
+
+def _gf2_times(a: int, b: int) -> int:
+    """a·b mod P for reflected 32-bit polynomials."""
+    product = 0
+    mask = 0x80000000
+    while mask:
+        if a & mask:
+            product ^= b
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+        mask >>= 1
+    return product
+
+
+def _x_pow_8n(n: int) -> int:
+    """x^(8·n) mod P, by squaring."""
+    result = 0x80000000  # x^0
+    square = 0x00800000  # x^8 (one byte)
+    while n:
+        if n & 1:
+            result = _gf2_times(square, result)
+        n >>= 1
+        square = _gf2_times(square, square)
+    return result
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """The CRC32C of ``A || B`` from ``crc32c(A)``, ``crc32c(B)`` and ``len(B)``."""
+    if len_b == 0:
+        return crc_a
+    return _gf2_times(_x_pow_8n(len_b), crc_a) ^ crc_b

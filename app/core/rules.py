@@ -44,6 +44,7 @@ from app.errors import (
     OffsetMismatch,
     TooLarge,
     TotalMismatch,
+    UploadExpired,
     UploadNotFound,
 )
 
@@ -120,7 +121,7 @@ def check_live(info: UploadInfo, *, ttl: float, now: float, owner: str | None) -
     """An upload is usable if it has not expired and belongs to ``owner``
     (an upload or a request without owner binds nobody)."""
     if not info.is_complete and info.updated_at + ttl < now:
-        raise UploadNotFound(f"the upload {info.name!r} expired after being idle too long")
+        raise UploadExpired(f"the upload {info.name!r} expired after being idle too long")
     if info.owner is not None and owner is not None and info.owner != owner:
         raise Forbidden("this upload belongs to another owner")
 
@@ -219,6 +220,19 @@ def plan_append(info: UploadInfo, request: AppendRequest, mode: Mode, limits: Li
     if settle is not None:
         check_total_fits(info, settle)
     return WritePlan(skip=skip, length=length, settle_total=settle, limit=limit)
+
+
+def check_append_to_complete(info: UploadInfo, request: AppendRequest, mode: Mode) -> None:
+    """An append to a finished upload changes nothing; in ``EXACT_OFFSET`` mode
+    it must still name the offset the upload ended at."""
+    assert info.completed is not None
+    check_stated_total(info, request.total)
+    size = info.completed.size
+    if mode is Mode.EXACT_OFFSET and (request.start != size or (request.length or 0) > 0):
+        raise OffsetMismatch(
+            f"the upload is complete with {size} bytes; nothing more can be appended",
+            offset=size,
+        )
 
 
 def ready_to_finish(info: UploadInfo) -> bool:

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,7 +29,7 @@ from app.errors import (
     TooLarge,
     UploadNotFound,
 )
-from app.stores.base import ObjectOwners, Store, UploadInfo
+from app.stores.base import CompletedObject, Concatenation, ObjectOwners, Store, UploadInfo
 
 log = logging.getLogger(__name__)
 
@@ -222,28 +222,11 @@ class UploadEngine:
         are skipped. With ``total`` unknown, a body that ends cleanly ends the
         object there; a body that stops early keeps what arrived and leaves
         the total open. The session must exist (it is never created here)."""
-        limits = self._limits(grant)
-        rules.check_declared_size(total, limits)
-        request = rules.AppendRequest(start=start, length=None, total=total)
-        async with self._writers.hold(name) as lease:
-            info = await self._current(name, grant)
-            if info.is_complete:
-                rules.check_stated_total(info, total)
-                return Outcome(info)
-            plan = rules.plan_append(info, request, rules.Mode.SKIP_OVERLAP, limits)
-            return await self._stream(
-                info, body, lease, plan, digests=digests,
-                settle_total_at_eof=total is None and info.total is None,
-                md5_source=md5_source,
-            )
-
-    async def peek(self, name: str) -> UploadInfo:
-        """The live session's state without changing it or checking its owner
-        (the owner is checked by the request that follows): lets a dialect
-        learn an id session's object name to ask the authorizer about."""
-        info = await self._store.get(name)
-        rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=None)
-        return info
+        return await self.append(
+            name, start, body, length=None, total=total, grant=grant,
+            finish_at_eof=total is None, digests=digests, mode=rules.Mode.SKIP_OVERLAP,
+            md5_source=md5_source,
+        )
 
     async def append(
         self,
@@ -258,33 +241,59 @@ class UploadEngine:
         digests: ClientDigests | None = None,
         mode: rules.Mode = rules.Mode.EXACT_OFFSET,
         check: BodyCheck | None = None,
+        md5_source: Md5Source | None = None,
     ) -> Outcome:
         """Bytes from ``start`` of an existing session, ``length`` of them or,
-        when None (no Content-Length), until the body ends; the body may be
-        empty. ``finish_at_eof``: a body that ends cleanly is the object's end
-        (the IETF draft's ``Upload-Complete: ?1``), so its total is settled and
-        the upload finished. A completed upload is returned as it is."""
+        when None (no Content-Length, as a tus ``PATCH`` sent with chunked
+        transfer-encoding), until the body ends; the body may be empty.
+        ``total`` settles a deferred length. ``finish_at_eof``: a body that
+        ends cleanly is the object's end (the IETF draft's ``Upload-Complete:
+        ?1``), so its total is settled and the upload finished. An append to a
+        completed upload changes nothing."""
         limits = self._limits(grant)
         rules.check_declared_size(total, limits)
         request = rules.AppendRequest(start=start, length=length, total=total)
-        async with self._writers.hold(name) as lease:
+        async with self._exclusive(name, grant) as lease:
             info = await self._current(name, grant)
             if info.is_complete:
+                rules.check_append_to_complete(info, request, mode)
+                self._check_completed(info, digests)
+                await self._notice_pending(info, replacing=False)
                 return Outcome(info)
             plan = rules.plan_append(info, request, mode, limits)
             return await self._stream(
                 info, body, lease, plan, digests=digests, check=check,
-                settle_total_at_eof=finish_at_eof,
+                settle_total_at_eof=finish_at_eof, md5_source=md5_source,
             )
+
+    async def concatenate(
+        self, name: str, sources: Sequence[CompletedObject], joiner: Concatenation, grant: Grant
+    ) -> Outcome:
+        """Fill the new session ``name`` with finished objects, joined by the
+        store itself (``Concatenation``), and finish it."""
+        async with self._exclusive(name, grant):
+            info = await self._current(name, grant)
+            if info.is_complete:
+                return Outcome(info)
+            done = await joiner.join(info, sources)
+        log.info("upload %r complete: %d bytes joined in the store from %d objects",
+                 done.name, done.offset, len(sources))
+        if self._on_complete is not None:
+            await self._on_complete(done)
+        return Outcome(done)
 
     async def lookup(self, name: str) -> UploadInfo:
         """The live upload ``name``, before any grant is known: how a dialect
-        learns which object an id session finishes into, to ask the auth
-        webhook about that object. Owner binding is left to the request that
-        follows with its grant."""
+        that addresses sessions by id learns which object a request is about,
+        to ask the auth webhook about that object. Owner binding is left to
+        the request that follows with its grant."""
         info = await self._store.get(name)
         rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(), owner=None)
         return info
+
+    def expires_at(self, info: UploadInfo) -> float | None:
+        """When an unfinished upload expires if it stays idle (None: never)."""
+        return None if info.is_complete else info.updated_at + self._config.upload_ttl
 
     async def put_whole(
         self,

@@ -30,6 +30,7 @@ from app.http.dialect import Dialect, mount
 from app.http.dialects.gcs import GcsDialect
 from app.http.dialects.ietf import IetfDialect
 from app.http.dialects.ours import OurDialect
+from app.http.dialects.tus import TusDialect
 from app.http.middleware import errors_and_access_log
 from app.ops.health import Readiness
 from app.ops.metrics import Metrics
@@ -46,7 +47,7 @@ def dialects_for(config: Config) -> list[Dialect]:
     """The wire dialects this configuration serves. Google's paths come before
     ours, which would otherwise take every ``/upload/...``; on a shared path
     the first whose route accepts a request gets it (IETF before tus)."""
-    return [GcsDialect(config.gcs), OurDialect(), IetfDialect(config)]
+    return [GcsDialect(config.gcs), OurDialect(), IetfDialect(config), TusDialect(config.tus)]
 
 
 class MeasuredAuthorizer:

@@ -47,9 +47,24 @@ class RequestBody:
                 return self._take_buffered()
             raise BodyInterrupted(f"no body bytes for {self._read_timeout:g}s") from None
         except (ConnectionError, HttpProcessingError, aiohttp.ClientError, RuntimeError) as exc:
+            # Bytes that arrived before the connection dropped still count;
+            # the next read finds none left and ends the body.
+            salvaged = self._salvage()
+            if salvaged:
+                return salvaged
             raise BodyInterrupted(str(exc) or type(exc).__name__) from None
         finally:
             self._pending = None
+
+    def _salvage(self) -> bytes:
+        """What aiohttp still buffers once the connection is gone. Its reads
+        raise as soon as the connection is lost, buffered bytes or not; those
+        bytes are an intact prefix of the body (TCP delivered them in order),
+        so they are handed over rather than dropped."""
+        try:
+            return self._content._read_nowait(-1)
+        except Exception:
+            return b""
 
     def abort(self) -> None:
         # Wake a pending read through its timeout rather than by poisoning the
@@ -62,7 +77,7 @@ class RequestBody:
         try:
             data = self._content.read_nowait()
         except Exception:
-            data = b""
+            data = self._salvage()
         if not data:
             raise BodyInterrupted("another request took over this upload")
         return data

@@ -36,7 +36,7 @@ implementing it, never by raising ``NotImplementedError``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -237,3 +237,43 @@ class ReportsCalls(Protocol):
     Observing twice with the same observer reports each call once."""
 
     def observe_calls(self, observer: CallObserver) -> None: ...
+
+
+#: Bytes per read of a finished object: large enough to keep a store busy,
+#: small enough to bound memory.
+READ_SIZE = 1024 * 1024
+
+
+@runtime_checkable
+class ObjectReader(Protocol):
+    """A store that can read a finished object back, so the engine can stream
+    sources into a new upload where the store cannot join them itself (tus
+    concatenation of S3 parts under 5 MiB)."""
+
+    def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
+        """The bytes of the object ``done`` describes, in order. Raises
+        ``UploadNotFound`` if it is gone, ``StorageUnavailable`` on a backend
+        failure, ``OffsetMismatch`` (offset: the bytes there) if it is no
+        longer ``done.size`` bytes long or was replaced."""
+        ...
+
+
+@runtime_checkable
+class Concatenation(Protocol):
+    """A store that joins finished objects into one where they lie (S3
+    ``UploadPartCopy``, a filesystem ``copy_file_range``), so no byte passes
+    through the service again (tus concatenation)."""
+
+    def can_join(self, sources: Sequence[CompletedObject]) -> bool:
+        """Whether ``join`` can assemble these sources (S3: every part but the
+        last at least 5 MiB)."""
+        ...
+
+    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+        """Fill the new, empty session ``info`` (its total the sources' sizes
+        summed) with the sources' bytes in order and finish it; return the
+        completed state, its CRC32C combined from the sources'. The object
+        appears atomically at ``info.object_name``, as with ``finish``.
+        Raises ``UploadNotFound`` if a source is gone and ``OffsetMismatch``
+        if a source changed or the session moved since ``info`` was read."""
+        ...

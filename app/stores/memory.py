@@ -32,16 +32,16 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from app.config import StorageConfig
 from app.core import rules
-from app.core.digests import crc32c_extend
+from app.core.digests import crc32c_combine, crc32c_extend
 from app.core.model import PendingCallback, oldest_first
 from app.core.protocol import validate_name, validate_session_name
-from app.errors import TotalMismatch, UploadNotFound
-from app.stores.base import CompletedObject, UploadInfo
+from app.errors import OffsetMismatch, TotalMismatch, UploadNotFound
+from app.stores.base import READ_SIZE, CompletedObject, UploadInfo
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class MemoryBacking:
 
 
 class MemoryStore:
-    """A ``Store`` (with ``HealthCheck``, ``CallbackOutbox``, ``PendingNotices``
-    and ``ObjectOwners``) over a ``MemoryBacking``."""
+    """A ``Store`` (with ``HealthCheck``, ``CallbackOutbox``, ``PendingNotices``,
+    ``ObjectOwners``, ``ObjectReader`` and ``Concatenation``) over a ``MemoryBacking``."""
 
     def __init__(
         self,
@@ -172,7 +172,7 @@ class MemoryStore:
                 key=stored.object_name,
                 bucket=BUCKET,
                 size=len(content),
-                etag=f'"{hashlib.md5(content).hexdigest()}"',
+                etag=_etag(content),
                 crc32c=stored.crc32c,
                 completed_at=now,
                 md5=md5,
@@ -216,6 +216,33 @@ class MemoryStore:
         stored = self.backing.sessions.get(name)
         if stored is not None and stored.session_id == session_id and stored.notify_pending:
             self.backing.sessions[name] = replace(stored, notify_pending=False)
+    # -- ObjectReader, Concatenation -----------------------------------------
+
+    async def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
+        content = self._object_of(done)
+        for start in range(0, len(content), READ_SIZE):
+            yield content[start : start + READ_SIZE]
+
+    def can_join(self, sources: Sequence[CompletedObject]) -> bool:
+        return True  # bytes in memory join at any size
+
+    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+        stored = self._stored(info.name)
+        rules.check_write(stored, info, None)
+        total = sum(source.size for source in sources)
+        if stored.total != total or stored.offset != 0:
+            raise OffsetMismatch(
+                f"{info.name!r} is not an empty upload of {total} bytes", offset=stored.offset
+            )
+        # Every source is checked before anything changes, so a missing or
+        # replaced one leaves the session as it was.
+        contents = [self._object_of(source) for source in sources]
+        crc = 0
+        for source in sources:
+            crc = crc32c_combine(crc, source.crc32c, source.size)
+        self.backing.data[stored.session_id] = bytearray(b"".join(contents))
+        filled = self._save(replace(stored, offset=total, crc32c=crc))
+        return await self.finish(filled)
 
     # -- CallbackOutbox ------------------------------------------------------
 
@@ -237,6 +264,18 @@ class MemoryStore:
         if info is None:
             raise UploadNotFound(f"no upload in progress for {name!r}")
         return info
+
+    def _object_of(self, done: CompletedObject) -> bytes:
+        """The bytes of ``done`` if the object is still the one it describes."""
+        content = self.backing.objects.get(done.key) if done.bucket == BUCKET else None
+        if content is None:
+            raise UploadNotFound(f"the object {done.key!r} no longer exists")
+        if len(content) != done.size or _etag(content) != done.etag:
+            raise OffsetMismatch(
+                f"the object {done.key!r} was replaced since its upload finished",
+                offset=len(content),
+            )
+        return content
 
     def _save(self, info: UploadInfo) -> UploadInfo:
         saved = replace(info, updated_at=self._clock())
@@ -260,3 +299,7 @@ class MemoryStore:
         if failure is not None:
             raise failure
         return mine
+
+
+def _etag(content: bytes) -> str:
+    return f'"{hashlib.md5(content).hexdigest()}"'

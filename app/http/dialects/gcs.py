@@ -315,7 +315,7 @@ class GcsDialect:
             session = id_session_name(NAME, request.query["upload_id"])
         except InvalidName:
             raise UploadNotFound("no upload session has this upload_id") from None
-        info = await edge.engine(request).peek(session)
+        info = await edge.engine(request).lookup(session)
         target = info.object_name
         if not target.startswith(prefix):
             raise UploadNotFound("no upload session has this upload_id in this bucket")

@@ -19,6 +19,7 @@ This module only composes; each job has its own module:
 * ``append``    the write path: batches, checkpoints, stale-writer checks
 * ``sessions``  create, finish and cancel, in a crash-safe order
 * ``outbox``    pending completion callbacks
+* ``concat``    finished objects read back and joined (tus concatenation)
 * ``fsio``      blocking I/O helpers and the ``OSError`` boundary
 
 Durability (with ``filesystem.fsync``, the default): data is fsynced before
@@ -38,14 +39,15 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from typing import ParamSpec, TypeVar
 
 from app.config import StorageConfig
 from app.core import rules
 from app.errors import StorageUnavailable
-from app.stores.base import UploadInfo
+from app.stores.base import CompletedObject, UploadInfo
 from app.stores.filesystem import append, fsio, outbox, owners, recovery, sessions, sidecars
+from app.stores.filesystem.concat import Joiner
 from app.stores.filesystem.paths import (
     Layout,
     check_folders,
@@ -67,6 +69,7 @@ class FilesystemStore:
     def __init__(self, config: StorageConfig, layout: Layout) -> None:
         self._config = config
         self._layout = layout
+        self._joiner = Joiner(layout)
 
     @classmethod
     async def open(cls, config: StorageConfig) -> FilesystemStore:
@@ -175,6 +178,19 @@ class FilesystemStore:
     async def clear_notice(self, name: str, session_id: str) -> None:
         check_session_name(self._layout, name)
         await self._run(sessions.clear_notice, self._layout, name, session_id)
+
+    # -- ObjectReader, Concatenation -----------------------------------------
+
+    def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
+        return self._joiner.read_object(done)
+
+    def can_join(self, sources: Sequence[CompletedObject]) -> bool:
+        return True  # a file can be assembled from pieces of any size
+
+    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+        check_session_name(self._layout, info.name)
+        filled = await fsio.in_thread(self._joiner.fill, info, sources)
+        return await self.finish(filled)
 
     # -- CallbackOutbox ------------------------------------------------------
 

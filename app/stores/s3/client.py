@@ -110,6 +110,22 @@ class S3Client:
             return None
         return data, str(result["ETag"])
 
+    async def read_range(
+        self, key: str, first: int, last: int, handled: Collection[str] = (), /,
+        *, if_match: str | None = None, chunk_size: int,
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``[first, last]`` of ``key`` as they arrive, ``chunk_size`` at
+        a time, so a large range never sits in memory whole."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                                  "Range": f"bytes={first}-{last}"}
+        if if_match is not None:
+            params["IfMatch"] = if_match
+        async with s3_errors("GetObject", handled):
+            result = await self._client.get_object(**params)
+            async with result["Body"] as stream:
+                while data := await stream.read(chunk_size):
+                    yield data
+
     async def head(self, key: str) -> dict[str, Any] | None:
         """HeadObject's answer; None when the object does not exist."""
         try:

@@ -51,6 +51,9 @@ collaborators that each own one concern:
 * ``completion.Completion``: the MPU (and its staged tail) into the object.
 * ``sweeper.S3OrphanSweeper``: crash leftovers, found and removed (the
   store's ``OrphanSweeper`` capability delegates to it).
+* ``concat.Joiner``: finished objects read back (ranged GETs) and joined
+  with ``UploadPartCopy`` (the ``ObjectReader`` and ``Concatenation``
+  capabilities delegate to it).
 """
 
 from __future__ import annotations
@@ -58,14 +61,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
 from app.config import StorageConfig
 from app.core import rules
-from app.core.model import PendingCallback, UploadInfo, oldest_first
+from app.core.model import CompletedObject, PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
 from app.stores.s3.client import S3Client
@@ -75,6 +78,7 @@ from app.stores.s3.completion import (
     from_header_value,
     object_metadata,
 )
+from app.stores.s3.concat import Joiner
 from app.stores.s3.errors import S3Refusal
 from app.stores.s3.markers import Markers
 from app.stores.s3.parts import BufferGauge
@@ -94,8 +98,8 @@ MAX_KEY_BYTES = 1024
 class S3Store:
     """The ``Store`` contract on S3 multipart uploads (see ``app.stores.base``).
 
-    Also a ``HealthCheck``, a ``CallbackOutbox``, an ``OrphanSweeper`` and
-    ``ReportsCalls``.
+    Also a ``HealthCheck``, a ``CallbackOutbox``, an ``OrphanSweeper``,
+    ``ReportsCalls``, an ``ObjectReader`` and a ``Concatenation``.
     """
 
     def __init__(self, config: StorageConfig, client: S3Client) -> None:
@@ -114,6 +118,8 @@ class S3Store:
         self.markers = Markers(client, self._layout)
         self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged,
                                        self.markers)
+        self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged)
+        self._joiner = Joiner(client, self.records, self._layout)
 
     @classmethod
     async def open(cls, config: StorageConfig) -> S3Store:
@@ -358,6 +364,17 @@ class S3Store:
         except UploadError:
             return  # logged by the client; the marked MPU only costs storage until swept
         await self.markers.delete(key, record.session_id)
+
+    # -- ObjectReader, Concatenation ----------------------------------------
+
+    def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
+        return self._joiner.read_object(done)
+
+    def can_join(self, sources: Sequence[CompletedObject]) -> bool:
+        return self._joiner.can_join(sources)
+
+    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+        return await self._joiner.join(info, sources)
 
     # -- HealthCheck --------------------------------------------------------
 

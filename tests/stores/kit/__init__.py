@@ -12,6 +12,7 @@ operation (in the manner of fsspec's ``fsspec/tests/abstract/``)::
     listing.py       list_unfinished, list_completed
     restart.py       a second instance over the same storage; stale writers
     capabilities.py  HealthCheck, CallbackOutbox (skipped if the store lacks them)
+    concat.py        Concatenation, ObjectReader (skipped if the store lacks them)
 
 A backend runs it by supplying a ``harness`` fixture and subclassing
 ``StoreKit`` (see ``tests/stores/test_kit.py`` and ``docs/stores.md``). A
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from tests.stores.kit.cancel import CancelTests
 from tests.stores.kit.capabilities import CapabilityTests
+from tests.stores.kit.concat import ConcatTests
 from tests.stores.kit.create import CreateTests
 from tests.stores.kit.finish import FinishTests
 from tests.stores.kit.harness import Harness, KitTests
@@ -41,5 +43,6 @@ class StoreKit(
     ListingTests,
     RestartTests,
     CapabilityTests,
+    ConcatTests,
 ):
     """The whole kit; subclass it as ``TestXxx`` next to a ``harness`` fixture."""
