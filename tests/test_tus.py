@@ -380,10 +380,9 @@ async def test_bytes_that_arrived_before_a_cut_count_even_if_unread(
             await asked.wait()  # the request is in, waiting on auth
     finally:
         sock.close()
-    (cut,) = set(server.connections) - before
-    async with asyncio.timeout(10):  # the server has seen the connection go
-        while cut.transport is not None:
-            await asyncio.sleep(0.01)
+    # The connection is gone while auth decides (reading is paused meanwhile,
+    # so the server learns of the close only once it reads again).
+    assert len(set(server.connections) - before) == 1
     gate.set()
     store = proxy.app[keys.STORE]
     async with asyncio.timeout(10):

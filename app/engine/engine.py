@@ -10,16 +10,22 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Protocol
 
 from app.config import StorageConfig
 from app.core import rules
 from app.core.digests import crc32c_b64
 from app.core.grant import Grant
 from app.core.protocol import Chunk
+from app.engine.bodies import Body, BodyCheck, Flow, chunks_of, empty, replay, verified
+from app.engine.model import (
+    ClientDigests,
+    CompletionHook,
+    Md5Source,
+    NoticeHook,
+    Outcome,
+)
 from app.engine.writers import Lease, WriterRegistry
 from app.errors import (
     DigestMismatch,
@@ -34,88 +40,6 @@ from app.stores.base import CompletedObject, Concatenation, ObjectOwners, Store,
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
-
-
-class BodyInterrupted(Exception):
-    """The request body stopped: client gone, stalled past the read timeout, or
-    the writer was asked to stop. What arrived before is kept."""
-
-
-class Body(Protocol):
-    """A request body as the engine sees it."""
-
-    async def read(self) -> bytes:
-        """The next chunk; ``b""`` at the end. Raises ``BodyInterrupted``."""
-        ...
-
-    def abort(self) -> None:
-        """Make a pending or future ``read`` raise ``BodyInterrupted``."""
-        ...
-
-
-class BodyCheck(Protocol):
-    """A digest of the bytes one request adds (tus ``Upload-Checksum``, the
-    IETF draft's ``Content-Digest``): none of them count unless it matches."""
-
-    def update(self, data: bytes) -> None: ...
-
-    def verify(self) -> None:
-        """Raise ``ChecksumMismatch`` if the bytes seen do not match."""
-        ...
-
-
-@dataclass(frozen=True)
-class ClientDigests:
-    """Digests the client declared for the whole object (``x-goog-hash``)."""
-
-    crc32c: bytes | None = None
-    md5: bytes | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    info: UploadInfo
-    #: The body stopped before the end of its range (client gone or taken over).
-    interrupted: bool = False
-    #: Bytes of this request's body that were stored (after skipping overlap).
-    stored: int = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.info.is_complete
-
-
-CompletionHook = Callable[[UploadInfo], Awaitable[None]]
-#: Called with a completed upload whose callback is still pending: on a repeat
-#: request (``replacing`` False: deliver it again if nobody is), and before its
-#: record is replaced or dropped (``replacing`` True: keep the callback
-#: elsewhere, or raise so the record stays).
-NoticeHook = Callable[[UploadInfo, bool], Awaitable[None]]
-
-
-class Md5State(Protocol):
-    """A running MD5 (``hashlib.md5()`` or a caller's wrapper of one)."""
-
-    def update(self, data: bytes, /) -> None: ...
-
-    def digest(self) -> bytes: ...
-
-
-#: Given the offset a write starts at, a running MD5 of the upload's bytes
-#: ``[0, offset)`` if the caller followed them across earlier requests (None:
-#: unknown). The engine feeds it exactly the bytes it hands the store, so a
-#: chunked upload can record and check an MD5, which hashlib cannot persist.
-Md5Source = Callable[[int], Md5State | None]
-
-
-@dataclass
-class _Flow:
-    """What happened to one body while it streamed into the store."""
-
-    interrupted: bool = False
-    overflow: bool = False
-    seen: int = 0
-    md5: Md5State | None = None
 
 
 class UploadEngine:
@@ -157,7 +81,7 @@ class UploadEngine:
                 return Outcome(info)
             if info.total is None:
                 rules.check_total_fits(info, total)
-                info = await self._store.write(info, _empty(), total=total)
+                info = await self._store.write(info, empty(), total=total)
             return Outcome(await self._finish(info, None, digests))
 
     async def put_chunk(
@@ -451,19 +375,20 @@ class UploadEngine:
         md5 = md5_source(info.offset) if md5_source is not None else None
         if md5 is None and wants_md5 and info.offset == 0:
             md5 = hashlib.md5()
-        flow = _Flow(md5=md5)
+        flow = Flow(md5=md5)
         start = info.offset
         async with asyncio.timeout(None) as deadline:
-            chunks = self._chunks(
-                body, flow, deadline, skip=skip, length=length, room=limit - info.offset
+            chunks = chunks_of(
+                body, flow, deadline, skip=skip, length=length, room=limit - info.offset,
+                persist_timeout=self._config.persist_timeout,
             )
             if check is not None:
-                held = await self._verified(chunks, check, flow, length)
+                held = await verified(chunks, check, flow, length, self._config.checksum_buffer)
                 if held is None:
                     log.info("upload %r: a checked body stopped early; nothing of it stored",
                              info.name)
                     return Outcome(info, interrupted=flow.interrupted)
-                chunks = _replay(held)
+                chunks = replay(held)
             try:
                 info = await self._store.write(info, chunks, total=plan.settle_total)
             except TimeoutError:
@@ -490,87 +415,12 @@ class UploadEngine:
             # and settle no total on a body that did not reach its own end.
             return Outcome(info, stored=stored)
         if settle_total_at_eof and info.total is None:
-            info = await self._store.write(info, _empty(), total=info.offset)
+            info = await self._store.write(info, empty(), total=info.offset)
         if rules.ready_to_finish(info):
             followed = start == 0 or md5_source is not None
             digest = flow.md5.digest() if flow.md5 is not None and followed else None
             info = await self._finish(info, digest, digests)
         return Outcome(info, stored=stored)
-
-    async def _chunks(
-        self,
-        body: Body,
-        flow: _Flow,
-        deadline: asyncio.Timeout,
-        *,
-        skip: int,
-        length: int | None,
-        room: int,
-    ) -> AsyncIterator[bytes]:
-        """The body's bytes as the store should see them: overlap dropped, capped
-        at the range, ending quietly when the client goes away (the store then
-        gets ``persist_timeout`` to save what arrived)."""
-        remaining = length if length is not None else room
-        while True:
-            try:
-                data = await body.read()
-            except BodyInterrupted:
-                flow.interrupted = True
-                deadline.reschedule(
-                    asyncio.get_running_loop().time() + self._config.persist_timeout
-                )
-                return
-            if not data:
-                return
-            flow.seen += len(data)
-            if skip:
-                if len(data) <= skip:
-                    skip -= len(data)
-                    continue
-                data, skip = data[skip:], 0
-            if remaining <= 0 or len(data) > remaining:
-                flow.overflow = True
-                data = data[:remaining]
-                if data:
-                    if flow.md5 is not None:
-                        flow.md5.update(data)
-                    yield data
-                return
-            remaining -= len(data)
-            if flow.md5 is not None:
-                flow.md5.update(data)
-            yield data
-            if remaining == 0 and length is not None:
-                # Read on to see whether the client sends more than it declared.
-                try:
-                    extra = await body.read()
-                except BodyInterrupted:
-                    return
-                if extra:
-                    flow.overflow = True
-                return
-
-    async def _verified(
-        self, chunks: AsyncIterator[bytes], check: BodyCheck, flow: _Flow, length: int | None
-    ) -> list[bytes] | None:
-        """The whole body, once ``check`` matched; None if it stopped early."""
-        held: list[bytes] = []
-        size = 0
-        async for data in chunks:
-            size += len(data)
-            if size > self._config.checksum_buffer:
-                raise TooLarge(
-                    f"a request with a checksum may add at most {self._config.checksum_buffer} "
-                    "bytes (it is held until verified); send smaller chunks"
-                )
-            check.update(data)
-            held.append(data)
-        if flow.overflow:
-            raise LengthMismatch("the body is longer than the request declares; nothing was kept")
-        if flow.interrupted or (length is not None and size < length):
-            return None
-        check.verify()
-        return held
 
     async def _finish(
         self, info: UploadInfo, md5: bytes | None, digests: ClientDigests | None
@@ -611,13 +461,3 @@ class UploadEngine:
             await self._store.cancel(info.name, session_id=info.session_id)
         except UploadNotFound:
             pass  # replaced or cancelled meanwhile: nothing of this session is left
-
-
-async def _replay(held: list[bytes]) -> AsyncIterator[bytes]:
-    for data in held:
-        yield data
-
-
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield b""  # pragma: no cover - makes this an async generator

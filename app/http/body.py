@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from app.engine.engine import BodyInterrupted
+from app.engine.bodies import BodyInterrupted
 from app.errors import BadRequest
 from app.http import keys
 

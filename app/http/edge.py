@@ -14,7 +14,8 @@ from app.core.digests import crc32c_b64, md5_b64, parse_goog_hash
 from app.core.grant import Grant
 from app.core.model import UploadInfo
 from app.core.protocol import validate_name
-from app.engine.engine import ClientDigests, Outcome, UploadEngine
+from app.engine.engine import UploadEngine
+from app.engine.model import ClientDigests, Outcome
 from app.errors import BadRequest, InvalidName
 from app.http import keys
 from app.http.body import RequestBody

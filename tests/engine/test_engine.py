@@ -17,7 +17,9 @@ from app.config import StorageConfig
 from app.core import rules
 from app.core.grant import Grant
 from app.core.protocol import Chunk
-from app.engine.engine import BodyInterrupted, ClientDigests, Outcome, UploadEngine
+from app.engine.bodies import BodyInterrupted
+from app.engine.engine import UploadEngine
+from app.engine.model import ClientDigests, Outcome
 from app.engine.writers import WriterRegistry
 from app.errors import (
     DigestMismatch,

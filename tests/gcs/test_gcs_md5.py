@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 
 from app.core.model import CompletedObject, UploadInfo
-from app.engine.engine import Outcome
+from app.engine.model import Outcome
 from app.http.app import completion_payload
 from app.http.dialects.gcs_md5 import Md5Follower
 

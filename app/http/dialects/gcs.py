@@ -37,7 +37,7 @@ from app.core.protocol import (
     parse_length,
     validate_name,
 )
-from app.engine.engine import ClientDigests, Md5Source, Outcome
+from app.engine.model import ClientDigests, Md5Source, Outcome
 from app.errors import BadRequest, InvalidName, UploadError, UploadNotFound
 from app.http import edge, keys
 from app.http.body import read_small_body

@@ -19,7 +19,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from app.engine.engine import Outcome
+from app.engine.model import Outcome
 
 #: Sessions followed at once; the least recently used beyond it are forgotten
 #: (they complete without md5Hash), so memory stays bounded (~200 B each).

@@ -4,7 +4,7 @@ boundary. The byte-level parsing is pure, in ``gcs_wire``."""
 
 from __future__ import annotations
 
-from app.engine.engine import BodyInterrupted
+from app.engine.bodies import BodyInterrupted
 from app.errors import BadRequest
 from app.http.body import RequestBody
 from app.http.dialects.gcs_wire import MediaSplitter, MultipartHead, parse_multipart_head

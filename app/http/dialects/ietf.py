@@ -37,7 +37,7 @@ from app.core.protocol import (
     parse_length,
     validate_name,
 )
-from app.engine.engine import ClientDigests, Outcome
+from app.engine.model import ClientDigests, Outcome
 from app.errors import AuthUnavailable, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.http import edge, keys
 from app.http.body import send_interim

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from aiohttp import hdrs, web
 
 from app.core.protocol import Chunk, Probe, format_range, parse_content_range, parse_length
-from app.engine.engine import Outcome
+from app.engine.model import Outcome
 from app.errors import BadRequest, UploadError
 from app.http import edge
 from app.http.body import read_small_body

@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator, Sequence
 from app.core.digests import crc32c_extend
 from app.core.grant import Grant
 from app.core.model import CompletedObject, UploadInfo
-from app.engine.engine import BodyInterrupted, Outcome, UploadEngine
+from app.engine.bodies import BodyInterrupted
+from app.engine.engine import UploadEngine
+from app.engine.model import Outcome
 from app.errors import BadRequest, StorageUnavailable, UploadError
 from app.http.dialects.tus_headers import concat_of
 from app.stores.base import Concatenation, ObjectReader, Store

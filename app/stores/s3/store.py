@@ -118,7 +118,6 @@ class S3Store:
         self.markers = Markers(client, self._layout)
         self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged,
                                        self.markers)
-        self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged)
         self._joiner = Joiner(client, self.records, self._layout)
 
     @classmethod
