@@ -32,6 +32,7 @@ settled later must fit the part size fixed at creation.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app.core.model import UploadInfo
@@ -241,6 +242,35 @@ def ready_to_finish(info: UploadInfo) -> bool:
 
 
 # -- the stores' side -------------------------------------------------------
+
+
+def new_upload(
+    name: str,
+    *,
+    session_id: str,
+    total: int | None,
+    content_type: str,
+    metadata: Mapping[str, str],
+    owner: str | None,
+    target: str | None,
+    default_part_size: int,
+    now: float,
+) -> UploadInfo:
+    """The state of a new, empty upload (its part size chosen for ``total``)."""
+    return UploadInfo(
+        name=name,
+        session_id=session_id,
+        offset=0,
+        total=total,
+        part_size=part_size_for_new(total, default_part_size),
+        crc32c=0,
+        content_type=content_type,
+        metadata=dict(metadata),
+        owner=owner,
+        created_at=now,
+        updated_at=now,
+        target=target,
+    )
 
 
 def part_size_for_new(total: int | None, default: int) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from app.errors import StorageUnavailable
+from app.stores.settle import settled
 
 #: Temp files older than this are leftovers of a crash, not another instance's
 #: write in progress.
@@ -33,24 +34,7 @@ async def in_thread(fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
     same upload truncate or append under it; so a cancellation is held back
     until the thread is done, then re-raised.
     """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-            continue
-        except BaseException:
-            if cancelled:
-                raise asyncio.CancelledError from None
-            raise
-        break
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
+    return await settled(asyncio.to_thread(fn, *args, **kwargs))
 
 
 def errno_text(exc: OSError) -> str:

@@ -105,21 +105,10 @@ class FilesystemStore:
         check_session_name(self._layout, name)
         if target is not None:
             check_name_text(self._layout, target)
-        part_size = rules.part_size_for_new(total, self._config.part_size)
-        now = time.time()
-        info = UploadInfo(
-            name=name,
-            session_id=uuid.uuid4().hex,
-            offset=0,
-            total=total,
-            part_size=part_size,
-            crc32c=0,
-            content_type=content_type,
-            metadata=dict(metadata),
-            owner=owner,
-            created_at=now,
-            updated_at=now,
-            target=target,
+        info = rules.new_upload(
+            name, session_id=uuid.uuid4().hex, total=total, content_type=content_type,
+            metadata=metadata, owner=owner, target=target,
+            default_part_size=self._config.part_size, now=time.time(),
         )
         return await self._run(sessions.create, self._layout, info)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -53,30 +53,6 @@ async def upload_part(
         # S3 rejects the part if the bytes it got do not match this CRC.
         params["ChecksumCRC32C"] = crc32c_b64(part_crc)
     return await client.call("UploadPart", NO_UPLOAD_CODES, **params)
-
-
-async def settled(step: Awaitable[_T]) -> _T:
-    """Await ``step`` to its end even if cancelled meanwhile, then re-raise the
-    cancellation: a record or staged PUT already sent may land whether or not
-    its answer is awaited, and the clean-up after a cancellation must know."""
-    task = asyncio.ensure_future(step)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-            continue
-        except BaseException:
-            if cancelled:
-                raise asyncio.CancelledError from None
-            raise
-        break
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
 
 
 async def close_quietly(chunks: AsyncIterable[bytes] | AsyncIterator[bytes]) -> None:

@@ -29,11 +29,11 @@ from app.stores.s3.parts import (
     WriteState,
     bare_etag,
     close_quietly,
-    settled,
     upload_part,
 )
 from app.stores.s3.records import Layout, Part, Record, Records
 from app.stores.s3.staged import StagedData
+from app.stores.settle import settled
 
 log = logging.getLogger("app.stores.s3")
 
