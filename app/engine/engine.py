@@ -15,10 +15,10 @@ from contextlib import asynccontextmanager
 
 from app.config import StorageConfig
 from app.core import rules
-from app.core.digests import crc32c_b64
 from app.core.grant import Grant
 from app.core.protocol import Chunk
 from app.engine.bodies import Body, BodyCheck, Flow, chunks_of, empty, replay, verified
+from app.engine.completion import Completion
 from app.engine.model import (
     ClientDigests,
     CompletionHook,
@@ -28,7 +28,6 @@ from app.engine.model import (
 )
 from app.engine.writers import Lease, WriterRegistry
 from app.errors import (
-    DigestMismatch,
     Forbidden,
     LengthMismatch,
     StorageUnavailable,
@@ -63,6 +62,7 @@ class UploadEngine:
         self._on_complete = on_complete
         self._on_notice_pending = on_notice_pending
         self._clock = clock
+        self._completion = Completion(store, on_complete, notify=on_notice_pending is not None)
 
     # -- requests ---------------------------------------------------------
 
@@ -82,7 +82,7 @@ class UploadEngine:
             if info.total is None:
                 rules.check_total_fits(info, total)
                 info = await self._store.write(info, empty(), total=total)
-            return Outcome(await self._finish(info, None, digests))
+            return Outcome(await self._completion.finish(info, None, digests))
 
     async def put_chunk(
         self,
@@ -201,7 +201,7 @@ class UploadEngine:
                 return Outcome(info)
             done = await joiner.join(info, sources)
         log.info("upload %r complete: %d bytes joined in the store from %d objects",
-                 done.name, done.offset, len(sources))
+                 done.object_name, done.offset, len(sources))
         if self._on_complete is not None:
             await self._on_complete(done)
         return Outcome(done)
@@ -269,7 +269,7 @@ class UploadEngine:
             # Only the session that was checked: another process may have
             # replaced it since, and that newer upload is not ours to cancel.
             await self._store.cancel(name, session_id=info.session_id)
-            log.info("upload %r cancelled", name)
+            log.info("upload %r cancelled", info.object_name)
 
     # -- internals --------------------------------------------------------
 
@@ -349,7 +349,7 @@ class UploadEngine:
             owner=grant.owner,
             target=target,
         )
-        log.info("upload %r started (total %s, part size %d)", name,
+        log.info("upload %r started (total %s, part size %d)", info.object_name,
                  "unknown" if total is None else total, info.part_size)
         if self._on_start is not None:
             self._on_start(info)
@@ -386,7 +386,7 @@ class UploadEngine:
                 held = await verified(chunks, check, flow, length, self._config.checksum_buffer)
                 if held is None:
                     log.info("upload %r: a checked body stopped early; nothing of it stored",
-                             info.name)
+                             info.object_name)
                     return Outcome(info, interrupted=flow.interrupted)
                 chunks = replay(held)
             try:
@@ -408,7 +408,7 @@ class UploadEngine:
             )
         if flow.interrupted:
             log.info("upload %r: body interrupted after %d new bytes; offset now %d",
-                     info.name, stored, info.offset)
+                     info.object_name, stored, info.offset)
             return Outcome(info, interrupted=True, stored=stored)
         if length is not None and flow.seen < skip + length:
             # The body ended (cleanly) before its declared range: keep what came,
@@ -419,45 +419,5 @@ class UploadEngine:
         if rules.ready_to_finish(info):
             followed = start == 0 or md5_source is not None
             digest = flow.md5.digest() if flow.md5 is not None and followed else None
-            info = await self._finish(info, digest, digests)
+            info = await self._completion.finish(info, digest, digests)
         return Outcome(info, stored=stored)
-
-    async def _finish(
-        self, info: UploadInfo, md5: bytes | None, digests: ClientDigests | None
-    ) -> UploadInfo:
-        if digests is not None:
-            if digests.crc32c is not None and digests.crc32c != info.crc32c.to_bytes(4, "big"):
-                await self._discard(info, "crc32c")
-                raise DigestMismatch(
-                    f"the object's crc32c is {crc32c_b64(info.crc32c)}, not what the client sent; "
-                    "the upload was discarded, start it again"
-                )
-            if digests.md5 is not None and md5 is not None and digests.md5 != md5:
-                await self._discard(info, "md5")
-                raise DigestMismatch(
-                    "the object's md5 differs from what the client sent; "
-                    "the upload was discarded, start it again"
-                )
-        done = await self._store.finish(
-            info, md5=md5, notify=self._on_notice_pending is not None
-        )
-        if not done.is_complete:
-            # The store found acknowledged bytes gone (S3: a part overwritten
-            # by a writer that lost the race) and rolled back: ask for them again.
-            log.warning("upload %r: the store holds %d bytes, not %s; asking the client "
-                        "to resend", done.name, done.offset, done.total)
-            return done
-        log.info("upload %r complete: %d bytes", done.name, done.offset)
-        if self._on_complete is not None:
-            await self._on_complete(done)
-        return done
-
-    async def _discard(self, info: UploadInfo, algorithm: str) -> None:
-        log.warning("upload %r: %s mismatch with the client's digest; discarding it",
-                    info.name, algorithm)
-        try:
-            # Only this session: another process may have replaced the upload
-            # since, and that newer upload is not ours to discard.
-            await self._store.cancel(info.name, session_id=info.session_id)
-        except UploadNotFound:
-            pass  # replaced or cancelled meanwhile: nothing of this session is left
