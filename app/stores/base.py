@@ -175,6 +175,14 @@ class ObjectOwners(Protocol):
         ...
 
 
+@runtime_checkable
+class ObjectLookup(Protocol):
+    """A store that can tell whether a finished object exists at ``name``
+    (Google's ``ifGenerationMatch=0``: create only if absent)."""
+
+    async def object_exists(self, name: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Orphan:
     """Storage left behind by a crash that no live upload refers to."""

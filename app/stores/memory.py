@@ -199,6 +199,12 @@ class MemoryStore:
         validate_name(name)
         return self.backing.owners.get(name) if name in self.backing.objects else None
 
+    # -- ObjectLookup ----------------------------------------------------------
+
+    async def object_exists(self, name: str) -> bool:
+        validate_name(name)
+        return name in self.backing.objects
+
     # -- PendingNotices ------------------------------------------------------
 
     async def clear_notice(self, name: str, session_id: str) -> None:

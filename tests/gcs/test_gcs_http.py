@@ -81,7 +81,6 @@ async def test_unknown_buckets_and_upload_ids_are_404_in_googles_shape(
         ("uploadType=resumable", {"name": "../x"}, "segments"),
         ("uploadType=nope", {"name": "x"}, "uploadType"),
         ("uploadType=resumable&ifGenerationMatch=5", {"name": "x"}, "ifGenerationMatch"),
-        ("uploadType=resumable&ifGenerationMatch=0", {"name": "x"}, "ifGenerationMatch"),
     ],
 )
 async def test_bad_initiations_are_400_in_googles_shape(
@@ -289,42 +288,20 @@ async def test_no_dialect_shows_the_filesystem_root(
     assert root not in json.dumps(doc) and root not in json.dumps(gcs_doc)
 
 
-class WithLookup:
-    """A store that also answers ``object_exists`` (the optional capability
-    ifGenerationMatch=0 needs), over a real store."""
-
-    def __init__(self, inner: object, taken: set[str]) -> None:
-        self._inner = inner
-        self.taken = taken
-
-    async def object_exists(self, name: str) -> bool:
-        return name in self.taken
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-
-async def test_if_generation_match_zero_with_a_store_that_can_look_objects_up(
-    store_harness, http
+async def test_if_generation_match_zero_creates_only_an_absent_object(
+    gcs_proxies, store_harness, http  # noqa: F811
 ) -> None:
-    from aiohttp import web
-
-    from app.config import replace
-    from app.service import create_app
-
-    store = WithLookup(await store_harness.open(), {"media/taken.bin"})
-    config = replace(store_harness.config, gcs={"buckets": {BUCKET: "media/"}})
-    runner = web.AppRunner(create_app(config, store=store))  # type: ignore[arg-type]
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
-        query = "uploadType=resumable&ifGenerationMatch=0"
-        async with http.post(f"{base}{UPLOAD}?{query}", json={"name": "taken.bin"}) as resp:
-            assert resp.status == 412
-            google_error(await resp.read(), 412, "conditionNotMet")
-        async with http.post(f"{base}{UPLOAD}?{query}", json={"name": "free.bin"}) as resp:
-            assert resp.status == 200
-    finally:
-        await runner.cleanup()
+    proxy = await start_gcs(gcs_proxies)
+    async with http.post(f"{proxy.url}{UPLOAD}?uploadType=media&name=taken.bin",
+                         data=b"first") as resp:
+        assert resp.status == 200
+    query = "uploadType=resumable&ifGenerationMatch=0"
+    async with http.post(f"{proxy.url}{UPLOAD}?{query}", json={"name": "taken.bin"}) as resp:
+        assert resp.status == 412
+        google_error(await resp.read(), 412, "conditionNotMet")
+    async with http.post(f"{proxy.url}{UPLOAD}?{query}", json={"name": "free.bin"}) as resp:
+        assert resp.status == 200
+    async with http.post(f"{proxy.url}{UPLOAD}?uploadType=media&name=taken.bin&{query[19:]}",
+                         data=b"second") as resp:
+        assert resp.status == 412
+    assert await stored(store_harness, "taken.bin") == b"first"

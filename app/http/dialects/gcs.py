@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
@@ -52,6 +51,7 @@ from app.http.dialects.gcs_wire import (
     parse_object_json,
     parse_session_range,
 )
+from app.stores.base import ObjectLookup
 
 NAME = "gcs"
 UPLOAD_PATH = "/upload/storage/v1/b/{bucket}/o"
@@ -63,14 +63,6 @@ MAX_METADATA_BYTES = 64 * 1024
 class ConditionNotMet(UploadError):
     status = 412
     code = "condition_not_met"
-
-
-@runtime_checkable
-class ObjectLookup(Protocol):
-    """A store that can tell whether an object exists (for
-    ``ifGenerationMatch=0``). Neither built-in store offers it yet."""
-
-    async def object_exists(self, name: str) -> bool: ...
 
 
 class GcsDialect:

@@ -162,6 +162,12 @@ class FilesystemStore:
         check_name_text(self._layout, name)
         return await self._run(owners.owner_of, self._layout, name)
 
+    # -- ObjectLookup ----------------------------------------------------------
+
+    async def object_exists(self, name: str) -> bool:
+        check_name_text(self._layout, name)
+        return await self._run(os.path.isfile, self._layout.object_path(name))
+
     # -- PendingNotices ------------------------------------------------------
 
     async def clear_notice(self, name: str, session_id: str) -> None:

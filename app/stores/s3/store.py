@@ -391,6 +391,11 @@ class S3Store:
         owner = head.get("Metadata", {}).get(OWNER_META)
         return None if owner is None else from_header_value(str(owner))
 
+    # -- ObjectLookup ----------------------------------------------------------
+
+    async def object_exists(self, name: str) -> bool:
+        return await self._client.head(self._layout.object_key(name)) is not None
+
     # -- PendingNotices -------------------------------------------------------
 
     async def clear_notice(self, name: str, session_id: str) -> None:

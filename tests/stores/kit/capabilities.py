@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.stores.base import CallbackOutbox, HealthCheck, ObjectOwners, PendingNotices
+from app.stores.base import CallbackOutbox, HealthCheck, ObjectLookup, ObjectOwners, PendingNotices
 from tests.stores.kit.harness import Harness, KitTests
 from tests.stores.kit.helpers import append, new_upload
 
@@ -95,3 +95,16 @@ class CapabilityTests(KitTests):
                                   metadata={"upload-owner": "u1"})
         await store.finish(await append(store, forged, b"q"))
         assert await store.owner_of("owned/b.bin") is None
+
+    async def test_object_lookup_sees_finished_objects_only(self, harness: Harness) -> None:
+        store = await harness.open()
+        if not isinstance(store, ObjectLookup):
+            pytest.skip(f"{type(store).__name__} does not offer ObjectLookup")
+        assert not await store.object_exists("look/a.bin")
+        info = await append(store, await new_upload(store, "look/a.bin", total=2), b"ab")
+        assert not await store.object_exists("look/a.bin")  # unfinished: no object yet
+        await store.finish(info)
+        assert await store.object_exists("look/a.bin")
+        await store.cancel("look/a.bin")  # the record goes, the object stays
+        assert await (await harness.open()).object_exists("look/a.bin")
+        assert not await store.object_exists("look")  # a folder is no object
