@@ -6,9 +6,17 @@ from __future__ import annotations
 import json
 import os
 
+from app.http import keys
 from tests import test_http_auth
-from tests.test_http_auth import T1, T2, auth_config, callbacks_config, eventually
-from tests.test_tus import OCTETS, TUS, head, meta
+from tests.test_http_auth import (
+    T1,
+    T2,
+    auth_config,
+    callbacks_config,
+    eventually,
+    eventually_async,
+)
+from tests.test_tus import OCTETS, TUS, head, meta, session_of
 
 proxies = test_http_auth.proxies
 http = test_http_auth.http
@@ -62,6 +70,15 @@ async def test_another_owner_cannot_head_patch_or_delete(main, proxies, http) ->
     assert ("create", "tus", ".tus-partials/" + partial.rsplit("/", 1)[1]) in actions
 
 
+async def not_pending(store: object, session: str) -> bool:
+    return not (await store.get(session)).notify_pending  # type: ignore[attr-defined]
+
+
+async def probe_tus(http: object, url: str) -> None:
+    async with http.head(url, headers={**TUS, **T1}) as resp:  # type: ignore[attr-defined]
+        assert resp.status == 200
+
+
 async def test_completion_callback_names_the_object(main, proxies, http, store_harness) -> None:
     proxy = await proxies.start(auth=auth_config(main.auth_url),
                                 callbacks=callbacks_config(main.callback_url))
@@ -73,6 +90,13 @@ async def test_completion_callback_names_the_object(main, proxies, http, store_h
     await eventually(lambda: main.answered == [200])
     payload = json.loads(main.callbacks[0][1])
     assert payload["name"] == "tus/cb/done.bin"
+    # Delivered: the intent in the id session's own record is cleared, so no
+    # later start-up, cleanup or repeat request sends it again.
+    store = proxy.app[keys.STORE]
+    session = session_of(resp.headers["Location"])
+    await eventually_async(lambda: not_pending(store, session))
+    await probe_tus(http, resp.headers["Location"])
+    assert main.answered == [200]
     assert payload["owner"] == "u1" and payload["size"] == len(data)
     assert payload["metadata"] == {"filename": "cb/done.bin", "user": "42"}
 

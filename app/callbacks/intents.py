@@ -11,7 +11,6 @@ as the first attempt, and the callback id is the session id.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -45,41 +44,44 @@ def completion_payload(info: UploadInfo) -> dict[str, object]:
     }
 
 
-async def recorded_callbacks(store: Store) -> list[tuple[str, bytes]]:
-    """Every callback a session record says is still owed, as (id, body).
+async def recorded_callbacks(store: Store) -> list[tuple[str, bytes, str]]:
+    """Every callback a session record says is still owed, as (id, body, the
+    record's name).
 
     An unfinished record with the intent is a completion interrupted between
     recording it and finishing (the S3 store records it first): finishing it
     again completes it, or finds it completed, and then it is owed too."""
-    owed: list[tuple[str, bytes]] = []
+    owed: list[tuple[str, bytes, str]] = []
     async for info in store.list_completed():
         if info.notify_pending:
-            owed.append((info.session_id, encode(completion_payload(info))))
+            owed.append((info.session_id, encode(completion_payload(info)), info.name))
     interrupted = [info async for info in store.list_unfinished() if info.notify_pending]
     for info in interrupted:
         try:
             done = await store.finish(info, notify=True)
         except UploadError as exc:
             log.warning("upload %r: an interrupted completion could not be finished (%s); "
-                        "it is tried again later", info.name, exc.message)
+                        "it is tried again later", info.object_name, exc.message)
             continue
-        log.info("upload %r: finished an interrupted completion", info.name)
-        owed.append((done.session_id, encode(completion_payload(done))))
+        if not done.is_complete:
+            # The store rolled it back (acknowledged bytes were overwritten):
+            # nothing completed, the client is asked to resend.
+            log.warning("upload %r: an interrupted completion was rolled back to %d bytes",
+                        info.object_name, done.offset)
+            continue
+        log.info("upload %r: finished an interrupted completion", info.object_name)
+        owed.append((done.session_id, encode(completion_payload(done)), done.name))
     return owed
 
 
-def confirmer(store: Store) -> Callable[[str, bytes], Awaitable[None]] | None:
+def confirmer(store: Store) -> Callable[[str, str], Awaitable[None]] | None:
     """What clears a delivered callback's intent in its session record."""
     if not isinstance(store, PendingNotices):
         return None
     notices: PendingNotices = store
 
-    async def confirm(callback_id: str, body: bytes) -> None:
-        try:
-            name = json.loads(body)["name"]
-        except (ValueError, KeyError, TypeError):
-            return  # not a completion payload (an outbox entry of another kind)
-        await notices.clear_notice(str(name), callback_id)
+    async def confirm(callback_id: str, record: str) -> None:
+        await notices.clear_notice(record, callback_id)
 
     return confirm
 

@@ -64,12 +64,13 @@ class CompletionNotifier:
         *,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
-        recorded: Callable[[], Awaitable[list[tuple[str, bytes]]]] | None = None,
-        on_delivered: Callable[[str, bytes], Awaitable[None]] | None = None,
+        recorded: Callable[[], Awaitable[list[tuple[str, bytes, str]]]] | None = None,
+        on_delivered: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         """``recorded`` lists callbacks whose intent the store keeps in session
-        records (``notify_pending``) rather than in the outbox; ``on_delivered``
-        confirms one there after its 2xx."""
+        records (``notify_pending``) rather than in the outbox, as (id, body,
+        the record's name); ``on_delivered(id, record name)`` confirms one
+        there after its 2xx."""
         self._config = config
         self._outbox = outbox
         self._session = session
@@ -77,6 +78,9 @@ class CompletionNotifier:
         self._rng = rng
         self._recorded = recorded
         self._on_delivered = on_delivered
+        #: Callback id -> the session record that keeps its intent (an id
+        #: session's record is not named like the object the payload names).
+        self._record_of: dict[str, str] = {}
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         #: False when no receiver is configured; ``notify`` then does nothing.
         self.enabled = bool(config.on_complete_url)
@@ -107,11 +111,13 @@ class CompletionNotifier:
         *,
         callback_id: str | None = None,
         recorded: bool = False,
+        record: str | None = None,
     ) -> None:
         """Record the callback durably, start delivering it, and return.
 
         ``recorded``: the store already keeps the intent in the session record
-        (``notify_pending``), so nothing is written here. Otherwise the callback
+        (``notify_pending``) of the session ``record``, so nothing is written
+        here, and delivery confirms it there. Otherwise the callback
         goes to the outbox first, and whatever ``save_pending`` raises
         (``StorageUnavailable``) is raised, so the caller does not acknowledge
         a completion whose callback could be lost.
@@ -123,6 +129,8 @@ class CompletionNotifier:
             return
         body = encode(payload)
         callback_id = callback_id or uuid.uuid4().hex
+        if recorded and record is not None:
+            self._record_of[callback_id] = record
         if not recorded and self._outbox is not None:
             await self._outbox.save_pending(callback_id, body)
         if callback_id in self._in_flight:
@@ -192,7 +200,10 @@ class CompletionNotifier:
         if self._recorded is not None:
             # Completions whose intent only the session record holds (the
             # outbox is not written for them); an id in both is sent once.
-            pending += [p for p in await self._recorded() if p[0] not in in_outbox]
+            for callback_id, body, record in await self._recorded():
+                self._record_of[callback_id] = record
+                if callback_id not in in_outbox:
+                    pending.append((callback_id, body))
         if not self.enabled:
             if pending:
                 logger.warning(
@@ -280,8 +291,9 @@ class CompletionNotifier:
         self, callback_id: str, body: bytes, *, in_outbox: bool, confirm: bool
     ) -> None:
         try:
-            if confirm and self._on_delivered is not None:
-                await self._on_delivered(callback_id, body)
+            record = self._record_of.pop(callback_id, None) if confirm else None
+            if record is not None and self._on_delivered is not None:
+                await self._on_delivered(callback_id, record)
             if in_outbox and self._outbox is not None:
                 await self._outbox.delete_pending(callback_id)
         except Exception as exc:

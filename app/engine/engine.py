@@ -198,8 +198,9 @@ class UploadEngine:
         async with self._exclusive(name, grant):
             info = await self._current(name, grant)
             if info.is_complete:
+                await self._notice_pending(info, replacing=False)
                 return Outcome(info)
-            done = await joiner.join(info, sources)
+            done = await joiner.join(info, sources, notify=self._on_notice_pending is not None)
         log.info("upload %r complete: %d bytes joined in the store from %d objects",
                  done.object_name, done.offset, len(sources))
         if self._on_complete is not None:

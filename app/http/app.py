@@ -147,13 +147,13 @@ def build_app(
                     # With the intent in the record, a failed outbox write can
                     # no longer turn a completed upload into a 503.
                     await notifier.notify(completion_payload(info), callback_id=info.session_id,
-                                          recorded=info.notify_pending)
+                                          recorded=info.notify_pending, record=info.name)
 
                 async def on_notice_pending(info: UploadInfo, replacing: bool) -> None:
                     # Replacing or dropping the record would drop the intent:
                     # the outbox keeps the callback from then on.
                     await notifier.notify(completion_payload(info), callback_id=info.session_id,
-                                          recorded=not replacing)
+                                          recorded=not replacing, record=info.name)
 
                 app[keys.ENGINE] = UploadEngine(
                     active_store, config.storage, writers,

@@ -277,9 +277,12 @@ class Concatenation(Protocol):
         last at least 5 MiB)."""
         ...
 
-    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+    async def join(
+        self, info: UploadInfo, sources: Sequence[CompletedObject], *, notify: bool = False
+    ) -> UploadInfo:
         """Fill the new, empty session ``info`` (its total the sources' sizes
-        summed) with the sources' bytes in order and finish it; return the
+        summed) with the sources' bytes in order and finish it (``notify`` as
+        for ``finish``: the intent recorded no later than the completion); return the
         completed state, its CRC32C combined from the sources'. The object
         appears atomically at ``info.object_name``, as with ``finish``.
         Raises ``UploadNotFound`` if a source is gone and ``OffsetMismatch``

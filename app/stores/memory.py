@@ -221,7 +221,9 @@ class MemoryStore:
     def can_join(self, sources: Sequence[CompletedObject]) -> bool:
         return True  # bytes in memory join at any size
 
-    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+    async def join(
+        self, info: UploadInfo, sources: Sequence[CompletedObject], *, notify: bool = False
+    ) -> UploadInfo:
         stored = self._stored(info.name)
         rules.check_write(stored, info, None)
         total = sum(source.size for source in sources)
@@ -237,7 +239,7 @@ class MemoryStore:
             crc = crc32c_combine(crc, source.crc32c, source.size)
         self.backing.data[stored.session_id] = bytearray(b"".join(contents))
         filled = self._save(replace(stored, offset=total, crc32c=crc))
-        return await self.finish(filled)
+        return await self.finish(filled, notify=notify)
 
     # -- CallbackOutbox ------------------------------------------------------
 

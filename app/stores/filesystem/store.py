@@ -176,16 +176,21 @@ class FilesystemStore:
 
     # -- ObjectReader, Concatenation -----------------------------------------
 
-    def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
-        return self._joiner.read_object(done)
+    async def read_object(self, done: CompletedObject) -> AsyncIterator[bytes]:
+        await self._run(check_folders, self._layout)
+        async for data in self._joiner.read_object(done):
+            yield data
 
     def can_join(self, sources: Sequence[CompletedObject]) -> bool:
         return True  # a file can be assembled from pieces of any size
 
-    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+    async def join(
+        self, info: UploadInfo, sources: Sequence[CompletedObject], *, notify: bool = False
+    ) -> UploadInfo:
         check_session_name(self._layout, info.name)
-        filled = await fsio.in_thread(self._joiner.fill, info, sources)
-        return await self.finish(filled)
+        # Through _run: the store's own folders are checked before a byte is written.
+        filled = await self._run(self._joiner.fill, info, sources)
+        return await self.finish(filled, notify=notify)
 
     # -- CallbackOutbox ------------------------------------------------------
 

@@ -76,7 +76,9 @@ class Joiner:
             and pieces <= MAX_PARTS
         )
 
-    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
+    async def join(
+        self, info: UploadInfo, sources: Sequence[CompletedObject], *, notify: bool = False
+    ) -> UploadInfo:
         record, etag = await self._records.load(info.name)
         rules.check_write(record.to_info(etag), info, None)
         total = sum(source.size for source in sources)
@@ -107,6 +109,11 @@ class Joiner:
             if with_checksums:
                 entry["ChecksumCRC32C"] = part["ChecksumCRC32C"]
             parts.append(entry)
+        if notify and not record.notify_pending:
+            # The intent first, as in ``S3Store.finish``: a crash between the
+            # completion and the record write must not lose the callback.
+            record = replace(record, notify_pending=True)
+            etag = await self._records.put(record, if_match=etag)
         try:
             result = await self._client.call(
                 "CompleteMultipartUpload", NO_UPLOAD_CODES, Key=key,

@@ -372,8 +372,12 @@ class S3Store:
     def can_join(self, sources: Sequence[CompletedObject]) -> bool:
         return self._joiner.can_join(sources)
 
-    async def join(self, info: UploadInfo, sources: Sequence[CompletedObject]) -> UploadInfo:
-        return await self._joiner.join(info, sources)
+    async def join(
+        self, info: UploadInfo, sources: Sequence[CompletedObject], *, notify: bool = False
+    ) -> UploadInfo:
+        done = await self._joiner.join(info, sources, notify=notify)
+        await self.markers.delete(self._layout.object_key(done.object_name), done.session_id)
+        return done
 
     # -- HealthCheck --------------------------------------------------------
 
