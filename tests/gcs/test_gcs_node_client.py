@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gcs.cutting_relay import CuttingRelay
+from tests.cut_relay import CuttingRelay
 from tests.gcs.support import BUCKET, MIB, gcs_proxies, start_gcs, stored  # noqa: F401
 from tests.node_support import node_packages
 from tests.test_http import crc_b64
@@ -62,9 +62,9 @@ async def test_chunked_upload_cut_mid_chunk_resumes(
     data = os.urandom(10 * MIB + 99)
     source = tmp_path / "cut.bin"
     source.write_bytes(data)
-    with CuttingRelay(proxy.port, cut_after=7 * MIB) as relay:
+    async with CuttingRelay(proxy.port, cut_after=7 * MIB) as relay:
         meta = await node_upload(relay.url, "node/cut.bin", source, 4 * MIB)
-        assert relay.cut.is_set()
+        assert relay.cuts == 1
     assert int(meta["size"]) == len(data)
     assert meta["crc32c"] == crc_b64(data)
     assert await stored(store_harness, "node/cut.bin") == data

@@ -13,7 +13,7 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from tests.gcs.cutting_relay import CuttingRelay
+from tests.cut_relay import CuttingRelay
 from tests.gcs.support import BUCKET, MIB, gcs_proxies, start_gcs, stored  # noqa: F401
 
 # gcsfs's default class first probes the endpoint for gRPC (60 s per bucket
@@ -52,10 +52,10 @@ async def test_chunked_upload_cut_mid_chunk_resumes_by_the_clients_own_retry(
     source = tmp_path / "movie.bin"
     source.write_bytes(data)
     # The cut falls inside the third 8 MiB chunk.
-    with CuttingRelay(proxy.port, cut_after=19 * MIB) as relay:
+    async with CuttingRelay(proxy.port, cut_after=19 * MIB) as relay:
         blob = await asyncio.to_thread(upload_file, relay.url, "videos/movie.bin", source,
                                        checksum)
-        assert relay.cut.is_set()
+        assert relay.cuts == 1
     assert blob.size == len(data)
     assert blob.crc32c == crc_b64(data)
     # google-cloud-storage itself fails a checksum="md5" upload without md5Hash.
