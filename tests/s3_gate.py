@@ -9,12 +9,15 @@
 * ``hold`` keeps matching requests until the test releases them (an
   interleaving made by events, never by sleeps); ``answer`` replies with an S3
   error document instead of forwarding.
-* Every request is logged (tag, method, path, query, body bytes).
+* Every request is logged (tag, method, path, query, body bytes, when its
+  head arrived, the status it got); ``watch`` sets an event once matching
+  requests have been answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +29,7 @@ _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-leng
                   "te", "trailer", "upgrade", "proxy-connection"})
 
 
-@dataclass(frozen=True)
+@dataclass
 class Seen:
     tag: str
     method: str
@@ -34,6 +37,11 @@ class Seen:
     query: dict[str, str]
     headers: CIMultiDict[str]
     size: int
+    #: ``time.monotonic()`` when the request's head arrived, before its body
+    #: was read: a request a frozen process had begun sending counts as begun.
+    at: float = 0.0
+    #: The status the gate answered with; None until then.
+    status: int | None = None
 
     @property
     def conditional(self) -> bool:
@@ -63,6 +71,16 @@ class Hold:
 
 
 @dataclass
+class Watch:
+    """``done`` is set once ``count`` requests that ``match`` have been answered."""
+
+    match: Match
+    count: int = 1
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    answered: list[Seen] = field(default_factory=list)
+
+
+@dataclass
 class Answer:
     match: Match
     status: int
@@ -78,6 +96,7 @@ class S3Gate:
         self.log: list[Seen] = []
         self._holds: list[Hold] = []
         self._answers: list[Answer] = []
+        self._watches: list[Watch] = []
         self._conditional = asyncio.Lock()
         self._runners: list[web.AppRunner] = []
         self._session: aiohttp.ClientSession | None = None
@@ -101,6 +120,11 @@ class S3Gate:
         self._holds.append(hold)
         return hold
 
+    def watch(self, match: Match, count: int = 1) -> Watch:
+        watch = Watch(match, count)
+        self._watches.append(watch)
+        return watch
+
     def answer(self, match: Match, status: int, code: str, message: str = "refused",
                count: int = 1_000_000) -> Answer:
         answer = Answer(match, status, code, message, count)
@@ -112,6 +136,7 @@ class S3Gate:
             hold.release()
         self._holds.clear()
         self._answers.clear()
+        self._watches.clear()
 
     def seen(self, tag: str | None = None) -> list[Seen]:
         return [s for s in self.log if tag is None or s.tag == tag]
@@ -125,29 +150,41 @@ class S3Gate:
 
     def _handler(self, tag: str) -> Callable[[web.Request], object]:
         async def handle(request: web.Request) -> web.StreamResponse:
+            arrived = time.monotonic()
             body = await request.read()
             seen = Seen(tag, request.method, request.path, dict(request.query),
-                        CIMultiDict(request.headers), len(body))
+                        CIMultiDict(request.headers), len(body), arrived)
             self.log.append(seen)
-            for answer in self._answers:
-                if answer.taken < answer.count and answer.match(seen):
-                    answer.taken += 1
-                    return _error_document(answer)
-            hold = next((h for h in self._holds if h.taken < h.count and h.match(seen)), None)
-            if hold is not None:
-                hold.taken += 1
-                hold.arrived.set()
-                await hold.released.wait()
-            try:
-                if seen.conditional:
-                    async with self._conditional:
-                        return await self._forward(request, body)
-                return await self._forward(request, body)
-            finally:
-                if hold is not None:
-                    hold.forwarded.set()
+            response = await self._dispatch(request, body, seen)
+            seen.status = response.status
+            for watch in self._watches:
+                if not watch.done.is_set() and watch.match(seen):
+                    watch.answered.append(seen)
+                    if len(watch.answered) >= watch.count:
+                        watch.done.set()
+            return response
 
         return handle
+
+    async def _dispatch(self, request: web.Request, body: bytes,
+                        seen: Seen) -> web.StreamResponse:
+        for answer in self._answers:
+            if answer.taken < answer.count and answer.match(seen):
+                answer.taken += 1
+                return _error_document(answer)
+        hold = next((h for h in self._holds if h.taken < h.count and h.match(seen)), None)
+        if hold is not None:
+            hold.taken += 1
+            hold.arrived.set()
+            await hold.released.wait()
+        try:
+            if seen.conditional:
+                async with self._conditional:
+                    return await self._forward(request, body)
+            return await self._forward(request, body)
+        finally:
+            if hold is not None:
+                hold.forwarded.set()
 
     async def _forward(self, request: web.Request, body: bytes) -> web.StreamResponse:
         assert self._session is not None

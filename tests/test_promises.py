@@ -8,10 +8,8 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,7 +22,7 @@ from app.config import config_from_mapping
 from app.http import keys
 from app.ops.cleanup import run_cleanup
 from tests import test_http
-from tests.conftest import free_port
+from tests.instances import AppProcess, s3_env
 from tests.s3_faults import Rule, S3FaultProxy
 from tests.test_http import crc_b64, put_range, stored_object
 from tests.test_http_auth import (
@@ -44,7 +42,6 @@ http = test_http.http
 __all__ = ["main"]  # the fake main application's fixture, shared with test_http_auth
 
 MIB = 1024 * 1024
-ROOT = Path(__file__).resolve().parents[1]
 BOTH = pytest.mark.parametrize("store_kind", ["filesystem", "s3"])
 
 
@@ -297,60 +294,6 @@ async def test_replacing_an_upload_whose_callback_is_owed_keeps_the_callback(
     await eventually(lambda: main.answered.count(200) == 2)
     assert {json.loads(raw)["size"] for _, raw in main.callbacks} == {5, 6}
     assert len({headers[CALLBACK_ID_HEADER] for headers, _ in main.callbacks}) == 2
-
-
-class AppProcess:
-    """A real ``python -m app`` over the S3 store at ``endpoint``."""
-
-    def __init__(self, env: dict[str, str], log_path: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._env = env
-        self._log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APP__")}
-        env.pop("PORT", None)
-        env.update({"PYTHONPATH": str(ROOT), **self._env})
-        with open(self._log_path, "ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port),
-                cwd=ROOT, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT,
-            )
-        async with asyncio.timeout(30):
-            while True:
-                assert self.proc.returncode is None, self.log()
-                try:
-                    async with http.get(f"{self.url}/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)  # polling for start-up, not a race
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-    def log(self) -> str:
-        with open(self._log_path, errors="replace") as fh:
-            return fh.read()
-
-
-def s3_env(endpoint: str, bucket: str, callback_url: str) -> dict[str, str]:
-    return {
-        "APP__STORAGE__BACKEND": "s3",
-        "APP__STORAGE__S3__BUCKET": bucket,
-        "APP__STORAGE__S3__ENDPOINT_URL": endpoint,
-        "APP__STORAGE__S3__PREFIX": "uploads/",
-        "APP__STORAGE__S3__ADDRESSING_STYLE": "path",
-        "APP__STORAGE__S3__MAX_ATTEMPTS": "2",
-        "APP__CALLBACKS__ON_COMPLETE_URL": callback_url,
-        "APP__CALLBACKS__SECRET": "s3cret",
-        "APP__CALLBACKS__BACKOFF": "0.01",
-    }
 
 
 @pytest.mark.parametrize("held", ["complete_multipart_upload", "completion_record"])
