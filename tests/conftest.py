@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import boto3
 import pytest
@@ -14,6 +14,19 @@ from moto.server import ThreadedMotoServer
 from tests.relay import TcpRelay
 
 pytest_plugins = ["tests.stores.fixtures"]
+
+#: Each phase's report of a test ("setup", "call", "teardown"), so a fixture's
+#: teardown can tell whether the test failed and print what explains it.
+phase_reports = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(phase_reports, {})[report.when] = report
+    return report
 
 
 def free_port() -> int:

@@ -38,7 +38,13 @@ class CuttingRelay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        except OSError:
+            # The server is down: the client must see its connection fail, as
+            # it would without the relay, not wait on it forever.
+            writer.transport.abort()
+            return
         down = asyncio.create_task(self._pump(up_reader, writer))
         try:
             await self._pump_up(reader, up_writer, writer)
@@ -75,3 +81,6 @@ class CuttingRelay:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+        # The server is gone (closed, or killed): the client must see its
+        # connection end too, not send into a relay nobody reads.
+        writer.close()
