@@ -30,6 +30,7 @@ import google_crc32c
 import pytest
 
 from app.config.model import StorageConfig
+from app.core.protocol import id_session_name
 from app.stores.s3.records import Layout
 from tests.conftest import phase_reports
 from tests.cut_relay import CuttingRelay
@@ -372,33 +373,73 @@ class Stalled:
             yield piece
 
 
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+async def tus_patch(http: aiohttp.ClientSession, url: str, data: Any, offset: int,
+                    length: int) -> Reply:
+    started = time.monotonic()
+    try:
+        async with http.patch(url, data=data, headers={
+                **TUS, "Content-Type": "application/offset+octet-stream",
+                "Upload-Offset": str(offset), "Content-Length": str(length)}) as resp:
+            await resp.read()
+            return Reply(resp.status, dict(resp.headers), None,
+                         elapsed=time.monotonic() - started)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Reply(None, {}, None, error=repr(exc), elapsed=time.monotonic() - started)
+
+
+@pytest.mark.parametrize("dialect", ["ours", "tus"])
 async def test_a_probe_on_another_instance_reads_the_record_and_takes_nothing(
-        cluster, http, store) -> None:
+        cluster, http, store, dialect) -> None:
     total = 8 * MIB
     data = random.Random(8).randbytes(total)
-    name = "probe/held.bin"
     a, b = cluster[0], cluster[1]
-    assert (await send_chunk(http, a, name, data[:2 * MIB], 0, 2 * MIB, total)).offset == 2 * MIB
     stalled = Stalled(data[2 * MIB:3 * MIB], data[3 * MIB:])
-    writing = asyncio.create_task(
-        send_chunk(http, a, name, stalled.body(), 2 * MIB, total - 2 * MIB, total))
+    if dialect == "ours":
+        name = "probe/held.bin"
+        record = record_path(store.name, name)
+        reply = await send_chunk(http, a, name, data[:2 * MIB], 0, 2 * MIB, total)
+        assert reply.offset == 2 * MIB, str(reply)
+        writing = asyncio.create_task(
+            send_chunk(http, a, name, stalled.body(), 2 * MIB, total - 2 * MIB, total))
+    else:
+        async with http.post(f"{a.url}/files/",
+                             headers={**TUS, "Upload-Length": str(total)}) as resp:
+            assert resp.status == 201, await resp.text()
+            path = "/files/" + resp.headers["Location"].rsplit("/", 1)[1]
+        record = record_path(store.name, id_session_name("tus", path.rsplit("/", 1)[1]))
+        reply = await tus_patch(http, a.url + path, data[:2 * MIB], 0, 2 * MIB)
+        assert reply.status == 204, str(reply)
+        writing = asyncio.create_task(
+            tus_patch(http, a.url + path, stalled.body(), 2 * MIB, total - 2 * MIB))
     await wait_for(stalled.paused, "the body's first MiB was not taken")
     since = time.monotonic()
-    reply = await probe(http, b, name)
-    assert reply.status == 308 and 2 * MIB <= reply.offset <= 3 * MIB, str(reply)
+    if dialect == "ours":
+        reply = await probe(http, b, name)
+        assert reply.status == 308 and 2 * MIB <= reply.offset <= 3 * MIB, str(reply)
+    else:
+        async with http.head(b.url + path, headers=TUS) as resp:
+            assert resp.status == 200
+            assert 2 * MIB <= int(resp.headers["Upload-Offset"]) <= 3 * MIB
     on_b = cluster.seen(b.tag, since=since)
-    # One S3 request, a read of the record; no write of any kind (no lease, no
-    # takeover request).
-    assert [(s.method, s.path) for s in on_b if touches(s, store.name, name)] == [
-        ("GET", record_path(store.name, name))], [op_name(s) for s in on_b]
+    # No write of any kind (no lease, no takeover request), and the running
+    # request was not disturbed...
     assert not [s for s in on_b if is_write(s)], [op_name(s) for s in on_b]
-    # The running request was not disturbed: it finishes the upload itself.
     assert not writing.done()
+    # ... and one S3 request, a read of the record (bucket-level requests
+    # are the readiness check's).
+    assert [(s.method, s.path) for s in on_b if not s.path.endswith(f"/{store.name}")] == [
+        ("GET", record)], [op_name(s) for s in on_b]
     stalled.go_on.set()
     async with asyncio.timeout(DEADLINE):
         reply = await writing
-    assert reply.status == 200 and describes(reply.doc, data), str(reply)
-    assert difference(await store.read(name), data) is None
+    if dialect == "ours":
+        assert reply.status == 200 and describes(reply.doc, data), str(reply)
+        assert difference(await store.read(name), data) is None
+    else:
+        assert reply.status == 204 and reply.headers["Upload-Offset"] == str(total), str(reply)
 
 
 # -- takeover from a live holder ------------------------------------------------------------
