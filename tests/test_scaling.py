@@ -586,6 +586,7 @@ async def test_two_clients_race_one_upload_on_two_instances(
             if stored is not None:
                 completions = [s for s in gate.log if s.path == object_path(store.name, name)
                                and op_name(s) == "CompleteMultipartUpload" and s.status == 200]
+                assert completions, context
                 last = next(i for i in (0, 1) if servers[i].tag == completions[-1].tag)
                 assert stored == datas[last] and last in winners, context
         if same or mode == "whole":
