@@ -21,7 +21,7 @@ class AppProcess:
     """``python -m app`` on S3, configured from the environment, on a free port."""
 
     def __init__(self, endpoint: str, bucket: str, log_path: Path, *, prefix: str = "uploads/",
-                 part_size: str = "5MiB") -> None:
+                 part_size: str = "5MiB", env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_path = log_path
@@ -38,6 +38,7 @@ class AppProcess:
             # One attempt: a refused request must reach the test as it is.
             "APP__STORAGE__S3__MAX_ATTEMPTS": "1",
             "APP__SERVER__DEMO_PAGE": "false",
+            **(env or {}),
         })
         self.proc: asyncio.subprocess.Process | None = None
 
