@@ -159,6 +159,11 @@ class Unavailable(UploadError):
     code = "unavailable"
     retry_after: int = 5
 
+    def __init__(self, message: str, *, retry_after: int | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
 

@@ -25,6 +25,10 @@ def validate(config: Config) -> None:
     for name in ("upload_ttl", "takeover_timeout", "persist_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"storage.{name}: must be positive")
+    if s.lease_ttl < 1:
+        raise ConfigError(
+            "storage.lease_ttl: must be at least 1s (a part upload must fit in a third of it)"
+        )
     if s.backend == "s3":
         if not s.s3.bucket:
             raise ConfigError(

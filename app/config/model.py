@@ -101,6 +101,9 @@ class S3Config:
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 60.0
     max_attempts: int = 3
+    #: Session records and write leases rely on If-Match/If-None-Match; off
+    #: only for buckets without them, with one instance or sticky sessions.
+    conditional_writes: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class StorageConfig:
     parts_in_flight: int = 2
     #: How long a new request waits for the previous writer of the same upload.
     takeover_timeout: Duration = 10.0
+    #: How long an instance's write lease on an S3 upload lasts unless renewed
+    #: (it is, while data flows); after a crash, others wait at most this long.
+    lease_ttl: Duration = 15.0
     #: Bound on persisting what arrived when a client goes away.
     persist_timeout: Duration = 30.0
     #: Compute MD5 of uploads sent in one request, for ``md5Hash`` in the answer.

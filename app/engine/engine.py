@@ -34,7 +34,14 @@ from app.errors import (
     TooLarge,
     UploadNotFound,
 )
-from app.stores.base import CompletedObject, Concatenation, ObjectOwners, Store, UploadInfo
+from app.stores.base import (
+    CompletedObject,
+    Concatenation,
+    ObjectOwners,
+    SharedWriting,
+    Store,
+    UploadInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,9 @@ class UploadEngine:
         self, name: str, total: int | None, grant: Grant, digests: ClientDigests | None = None
     ) -> Outcome:
         """A ``bytes */T`` probe; finalizes when ``T`` bytes are all present."""
-        async with self._exclusive(name, grant):
+        # A probe never takes an upload from another instance; the lease is
+        # taken only if it turns out to complete the upload.
+        async with self._exclusive(name, grant, writes=False):
             info = await self._current(name, grant)
             rules.check_stated_total(info, total)
             if info.is_complete:
@@ -275,10 +284,14 @@ class UploadEngine:
     # -- internals --------------------------------------------------------
 
     @asynccontextmanager
-    async def _exclusive(self, name: str, grant: Grant) -> AsyncIterator[Lease]:
+    async def _exclusive(
+        self, name: str, grant: Grant, *, writes: bool = True
+    ) -> AsyncIterator[Lease]:
         """Become the one request working on ``name``. Taking over asks a
         running writer to stop, so a request that the upload's owner would
-        refuse is refused first: another user's probes cost it nothing."""
+        refuse is refused first: another user's probes cost it nothing. With
+        ``writes``, a store shared by instances (``SharedWriting``) also has
+        any other instance writing ``name`` let go first."""
         holder = self._writers.holder(name)
         if holder is not None and grant.owner is not None:
             if holder.owner is not None and holder.owner != grant.owner:
@@ -286,7 +299,11 @@ class UploadEngine:
             if holder.owner is None:
                 await self._check_owner_of_stored(name, grant)
         async with self._writers.hold(name, grant.owner) as lease:
-            yield lease
+            if writes and isinstance(self._store, SharedWriting):
+                async with self._store.writing(name, lease.request_stop):
+                    yield lease
+            else:
+                yield lease
 
     async def _check_owner_of_stored(self, name: str, grant: Grant) -> None:
         try:

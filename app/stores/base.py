@@ -36,7 +36,8 @@ implementing it, never by raising ``NotImplementedError``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -181,6 +182,20 @@ class ObjectLookup(Protocol):
     (Google's ``ifGenerationMatch=0``: create only if absent)."""
 
     async def object_exists(self, name: str) -> bool: ...
+
+
+@runtime_checkable
+class SharedWriting(Protocol):
+    """A store that several instances may write at once, which coordinates
+    them itself (S3: a lease per upload in its session record). The engine
+    enters ``writing`` around every request that may write ``name``, inside
+    the process's own one-writer-per-upload hold: another instance writing
+    it is asked to let go first (``WriterBusy`` if it does not in time), and
+    ``stop`` is called when another instance asks this request to let go;
+    the request then ends its body, and the store persists what arrived."""
+
+    def writing(self, name: str, stop: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        ...
 
 
 @dataclass(frozen=True)

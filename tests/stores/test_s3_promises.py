@@ -196,8 +196,9 @@ SCENARIOS = [
     ("part 1 late, before the check", part(1), list_parts),
     # ... between the check and CompleteMultipartUpload: S3 compares ETags.
     ("part 1 late, before the completion", part(1), op("CompleteMultipartUpload")),
-    # The loser's part 1 lands first and is overwritten by the winner's; the
-    # loser's record write comes last and loses.
+    # The loser's first record write (taking the lease) is held: the winner
+    # finds no lease, takes it and completes; the loser's write comes last
+    # and loses, before any part of it is uploaded.
     ("record write late", op("PutRecord"), None),
     # The loser's part lands after the winner completed.
     ("part 1 after completion", part(1), None),
@@ -206,7 +207,11 @@ SCENARIOS = [
 
 async def test_two_processes_appending_different_bytes_never_make_a_chimera(
         gate, bucket, http, s3_client, tmp_path) -> None:
-    servers = {tag: AppProcess(await gate.listener(tag), bucket, tmp_path / f"{tag}.log")
+    # The loser's requests are held past its write lease, so the winner takes
+    # the upload over after expiry: the window the lease leaves (a writer
+    # paused longer than its lease), which these checks close.
+    servers = {tag: AppProcess(await gate.listener(tag), bucket, tmp_path / f"{tag}.log",
+                               env={"APP__STORAGE__LEASE_TTL": "1s"})
                for tag in "AB"}
     try:
         for server in servers.values():

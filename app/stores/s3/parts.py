@@ -94,9 +94,8 @@ class WriteState:
     landed: dict[int, Part] = field(default_factory=dict)
     failure: BaseException | None = None
     buffered: int = 0
-    #: Whether the record was read from the bucket for this write; if not, it
-    #: is read before the first part upload.
-    fresh: bool = True
+    #: The body has ended: the final record write records what lands now.
+    ended: bool = False
     #: CRC32C of the upload at the record's offset when the write began.
     start_crc: int = 0
     #: Segments this write began to stage: a cancellation deletes those the

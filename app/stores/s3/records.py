@@ -16,9 +16,10 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from app.core.leases import Lease
 from app.core.protocol import RESERVED_PREFIX
 from app.errors import OffsetMismatch, StorageUnavailable, UploadNotFound
 from app.stores.base import CompletedObject, UploadInfo
@@ -102,6 +103,11 @@ class Record:
     #: record written before parts were recorded (completion lists those).
     parts: tuple[Part, ...] | None = ()
     notify_pending: bool = False
+    #: The write lease (see ``app.core.leases``); None when no instance holds it.
+    lease: Lease | None = None
+    #: The last lease generation issued for this session: the next take is
+    #: one higher, so a released lease still fences its old holder off.
+    generation: int = 0
 
     @property
     def object_name(self) -> str:
@@ -118,6 +124,8 @@ class Record:
             "small_writes": self.small_writes,
             "parts": None if self.parts is None
             else [[p.etag, p.crc32c, p.end_crc32c] for p in self.parts],
+            "lease": None if self.lease is None else self.lease.to_json(),
+            "generation": self.generation,
         }
         # ASCII escapes keep any metadata text encodable.
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
@@ -138,7 +146,15 @@ class Record:
             parts=None if doc.get("parts") is None else tuple(
                 Part(str(e), int(c), int(x)) for e, c, x in doc["parts"]
             ),
+            lease=Lease.from_json(doc.get("lease")),
+            generation=int(doc.get("generation", 0)),
         )
+
+    def same_data(self, other: Record) -> bool:
+        """Whether ``other`` differs from this record in its lease alone."""
+        def bare(record: Record) -> Record:
+            return replace(record, lease=None, generation=0, updated_at=0.0)
+        return bare(self) == bare(other)
 
     def to_info(self, version: str | None) -> UploadInfo:
         return UploadInfo(
@@ -232,9 +248,13 @@ _KNOWN_RECORDS = 1024
 class Records:
     """Session records in the bucket, read and written conditionally."""
 
-    def __init__(self, client: S3Client, layout: Layout) -> None:
+    def __init__(self, client: S3Client, layout: Layout, *, conditional: bool = True) -> None:
+        """``conditional=False`` for buckets that do not enforce ``If-Match``:
+        records are then written blindly, which is safe only with a single
+        instance (or sticky sessions); see docs/scaling.md."""
         self._client = client
         self._layout = layout
+        self._conditional = conditional
         self._known: OrderedDict[str, tuple[str, Record]] = OrderedDict()
 
     def known(self, name: str, etag: str | None) -> Record | None:
@@ -280,7 +300,9 @@ class Records:
             "Body": record.to_json(),
             "ContentType": "application/json",
         }
-        if if_match is None:
+        if not self._conditional:
+            pass
+        elif if_match is None:
             params["IfNoneMatch"] = "*"
         else:
             params["IfMatch"] = if_match

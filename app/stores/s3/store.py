@@ -61,13 +61,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import replace
 from typing import Any
 
 from app.config import StorageConfig
 from app.core import rules
+from app.core.leases import Timing
 from app.core.model import CompletedObject, PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
@@ -80,6 +81,7 @@ from app.stores.s3.completion import (
 )
 from app.stores.s3.concat import Joiner
 from app.stores.s3.errors import S3Refusal
+from app.stores.s3.leases import Leases, check_conditional_writes, instance_id
 from app.stores.s3.markers import Markers
 from app.stores.s3.parts import BufferGauge
 from app.stores.s3.records import OWNER_META, Layout, Record, Records
@@ -107,13 +109,17 @@ class S3Store:
         self._client = client
         self._layout = Layout(config.s3.prefix)
         self._checksums = config.s3.checksum_mode == "when_supported"
-        self._instance = uuid.uuid4().hex
+        self._instance = instance_id()
         self._gauge = BufferGauge()
-        self.records = Records(client, self._layout)
+        conditional = config.s3.conditional_writes
+        self.records = Records(client, self._layout, conditional=conditional)
+        self.leases = Leases(client, self._layout, self.records, self._instance,
+                             Timing(config.lease_ttl), takeover_timeout=config.takeover_timeout,
+                             enabled=conditional)
         self._staged = StagedData(client, self._layout, checksums=self._checksums,
                                   cache_budget=_CACHE_PARTS * config.part_size)
         self._writer = Writer(client, self._layout, self.records, self._staged, self._gauge,
-                              parts_in_flight=config.parts_in_flight)
+                              self.leases, parts_in_flight=config.parts_in_flight)
         self._completion = Completion(client, self._layout, self._staged, self._gauge)
         self.markers = Markers(client, self._layout)
         self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged,
@@ -123,12 +129,18 @@ class S3Store:
     @classmethod
     async def open(cls, config: StorageConfig) -> S3Store:
         client = await S3Client.connect(config)
-        if config.s3.create_bucket:
-            try:
+        try:
+            if config.s3.create_bucket:
                 await client.ensure_bucket(config.s3.region)
-            except BaseException:
-                await client.close()
-                raise
+            if config.s3.conditional_writes:
+                await check_conditional_writes(client, Layout(config.s3.prefix))
+            else:
+                log.warning("storage.s3.conditional_writes is off: run a single instance, or "
+                            "promise sticky sessions; several instances writing one upload "
+                            "can then corrupt it (docs/scaling.md)")
+        except BaseException:
+            await client.close()
+            raise
         return cls(config, client)
 
     async def close(self) -> None:
@@ -262,20 +274,28 @@ class S3Store:
         # GET: a write that only stages is checked by its conditional record
         # write, and one that uploads a part reads the record again first, so a
         # stale writer is refused before it can overwrite another's part.
+        record, etag = await self._trusted(info)
+        settled = rules.check_write(record.to_info(etag), info, total)
+        return await self._writer.write(record, etag, settled, chunks)
+
+    async def _trusted(self, info: UploadInfo) -> tuple[Record, str]:
+        """The record ``info`` was read from, from this process's cache when
+        it has that version: what follows is a conditional write over it."""
         known = self.records.known(info.name, info.version)
         if known is not None and info.version is not None:
-            record, etag = known, info.version
-        else:
-            record, etag = await self.records.load(info.name)
-        settled = rules.check_write(record.to_info(etag), info, total)
-        return await self._writer.write(record, etag, settled, chunks, fresh=known is None)
+            return known, info.version
+        return await self.records.load(info.name)
+
+    def writing(self, name: str, stop: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """``SharedWriting``: around a request that may write ``name``."""
+        return self.leases.writing(name, stop)
 
     async def finish(
         self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
     ) -> UploadInfo:
         if info.completed is not None:
             return info
-        record, etag = await self.records.load(info.name)
+        record, etag = await self._trusted(info)
         if rules.check_finish(record.to_info(etag), info):
             return record.to_info(etag)
         if notify and not record.notify_pending:
@@ -283,8 +303,10 @@ class S3Store:
             # after it are two steps, and a crash between them must not lose
             # the callback. An unfinished record carrying the intent is
             # finished by start-up and the cleanup job.
-            record = replace(record, notify_pending=True)
-            etag = await self.records.put(record, if_match=etag)
+            record, etag = await self.leases.put(replace(record, notify_pending=True), etag)
+        # Completion assembles the parts the record names: only under the
+        # lease, so no part it names is being overwritten meanwhile.
+        record, etag = await self.leases.ensure(record, etag)
         try:
             completed = replace(await self._completion.complete(record), md5=md5)
         except PartOverwritten as exc:
@@ -292,7 +314,7 @@ class S3Store:
         done = replace(record, completed=completed, staged=(), tail_crc32c=0,
                        updated_at=completed.completed_at)
         try:
-            etag = await self.records.put(done, if_match=etag)
+            done, etag = await self.leases.put(done, etag, release=True)
         except (OffsetMismatch, UploadNotFound):
             # Another process may have finished the same session first.
             again = await self.records.read(info.name)
@@ -322,7 +344,7 @@ class S3Store:
         log.error("upload %r: part %d was overwritten by a writer that lost the session "
                   "record; rolled back from %d to %d bytes, the client must resend from there",
                   record.name, number, record.offset, offset)
-        etag = await self.records.put(rolled, if_match=etag)
+        rolled, etag = await self.leases.put(rolled, etag, release=True)
         await self._staged.delete(record.session_id, record.staged)
         return rolled.to_info(etag)
 

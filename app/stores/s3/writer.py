@@ -19,10 +19,11 @@ from dataclasses import replace
 
 from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
-from app.errors import OffsetMismatch, TooLarge, TotalMismatch, UploadError
+from app.errors import TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
+from app.stores.s3.leases import Leases
 from app.stores.s3.parts import (
     BufferGauge,
     Fill,
@@ -65,24 +66,26 @@ class Writer:
     """Appends a stream of bytes to an upload (``Store.write`` minus its checks)."""
 
     def __init__(self, client: S3Client, layout: Layout, records: Records, staged: StagedData,
-                 gauge: BufferGauge, *, parts_in_flight: int) -> None:
+                 gauge: BufferGauge, leases: Leases, *, parts_in_flight: int) -> None:
         self._client = client
         self._layout = layout
         self._records = records
+        self._leases = leases
         self._staged = staged
         self._gauge = gauge
         self._parts_in_flight = parts_in_flight
 
     async def write(self, record: Record, etag: str, total: int | None,
-                    chunks: AsyncIterable[bytes], *, fresh: bool = True) -> UploadInfo:
-        """Append ``chunks`` to the upload ``record`` (at ``etag``) describes;
-        ``fresh``: the record was just read from the bucket."""
+                    chunks: AsyncIterable[bytes]) -> UploadInfo:
+        """Append ``chunks`` to the upload ``record`` (at ``etag``) describes.
+        The record may be this process's cached copy: the lease taken before
+        the first part upload is a conditional write over it."""
         first_part = record.offset // record.part_size + 1
         state = WriteState(
             record=record, etag=etag, total=total, prefix=record.staged,
             first_part=first_part, committed_part=first_part - 1,
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
-            fresh=fresh, start_crc=record.crc32c,
+            start_crc=record.crc32c,
         )
         try:
             return await self._write(state, chunks)
@@ -99,6 +102,9 @@ class Writer:
         fill = self._start_fill(state)
         stream = aiter(chunks)
         overflow, stream_error = await self._read_body(state, fill, stream)
+        # Parts landing from now on are recorded by the final record write,
+        # together with the tail and the lease's release.
+        state.ended = True
         if stream_error is None and (overflow is not None or state.failure is not None):
             await close_quietly(stream)
         # A cancellation that arrived while waiting for the body is raised
@@ -156,6 +162,7 @@ class Writer:
                 return None, exc
             if not chunk:
                 continue
+            self._leases.note_flow(state.record.name)
             data = chunk if isinstance(chunk, bytes) else bytes(chunk)
             overflow = None
             if len(data) > fill.limit - fill.offset:
@@ -204,15 +211,11 @@ class Writer:
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
         assert fill.buf is not None
-        if not state.fresh:
-            # UploadPart takes no condition: make sure no other writer moved
-            # the record before overwriting a part number it may have used.
-            current = await self._records.load(state.record.name)
-            if current[1] != state.etag:
-                raise OffsetMismatch(
-                    f"another writer changed {state.record.name!r}; it holds "
-                    f"{current[0].offset} bytes", offset=current[0].offset)
-            state.fresh = True
+        # UploadPart takes no condition: it starts only under this process's
+        # lease, taken over the record the write began from, so no other
+        # writer can have used the part number meanwhile.
+        async with state.lock:
+            state.record, state.etag = await self._leases.ensure(state.record, state.etag)
         # Waiting here while holding the full buffer is what bounds memory to
         # (parts_in_flight + 1) parts per write.
         await state.semaphore.acquire()
@@ -248,35 +251,51 @@ class Writer:
             del buf
             state.release(size)
             state.semaphore.release()
-        if number in state.done:
+        if number in state.done and not state.ended:
             try:
                 await self._commit_parts(state)
             except Exception as exc:
                 state.fail(exc)
 
-    async def _commit_parts(self, state: WriteState) -> None:
+    @staticmethod
+    def _advanced(state: WriteState) -> tuple[Record, int] | None:
+        """The record advanced over the contiguous run of finished parts past
+        the committed ones, and the last of them; None if there is none."""
+        last = state.committed_part
+        while last + 1 in state.done:
+            last += 1
+        if last == state.committed_part:
+            return None
+        end, end_crc = state.boundaries[last]
+        parts = state.record.parts
+        if parts is not None:
+            parts = (*parts, *(state.landed[n] for n in range(state.committed_part + 1, last + 1)))
+        record = replace(state.record, offset=end, crc32c=end_crc, total=state.total,
+                         staged=(), tail_crc32c=0, updated_at=time.time(), parts=parts)
+        return record, last
+
+    async def _commit_parts(self, state: WriteState, *, release: bool = False) -> None:
         """Advance the record over the contiguous run of finished parts, so a
         crash mid-stream keeps everything up to the last such part."""
         async with state.lock:
-            last = state.committed_part
-            while last + 1 in state.done:
-                last += 1
-            if last == state.committed_part:
+            advanced = self._advanced(state)
+            if advanced is None:
+                if release and self._leases.holds(state.record.name):
+                    state.record, state.etag = await settled(
+                        self._leases.put(state.record, state.etag, release=True))
                 return
-            end, end_crc = state.boundaries[last]
-            parts = state.record.parts
-            if parts is not None:
-                parts = (*parts, *(state.landed[n]
-                                   for n in range(state.committed_part + 1, last + 1)))
-            record = replace(state.record, offset=end, crc32c=end_crc, total=state.total,
-                             staged=(), tail_crc32c=0, updated_at=time.time(), parts=parts)
-            state.etag = await settled(self._records.put(record, if_match=state.etag))
-            state.record = record
+            record, last = advanced
+            state.record, state.etag = await settled(
+                self._leases.put(record, state.etag, release=release))
             state.committed_part = last
 
     async def _persist_tail(self, state: WriteState, fill: Fill) -> None:
-        """Stage the bytes past the last full part and record the new state."""
-        staged, tail_crc = state.record.staged, state.record.tail_crc32c
+        """Stage the bytes past the last full part and record the new state,
+        the parts that landed since the body ended and the lease's release
+        (kept when the upload is full: completion needs it) in one write."""
+        advanced = self._advanced(state)
+        base = state.record if advanced is None else advanced[0]
+        staged, tail_crc = base.staged, base.tail_crc32c
         # A staged tail is always shorter than a part: the loop uploads every
         # part it fills, so a full buffer never reaches this point.
         assert fill.buf is None or fill.pos < fill.length
@@ -293,13 +312,16 @@ class Writer:
             # A folded segment starts where the earlier ones did and replaces them.
             staged = (*(s for s in staged if s.start < start), segment)
             tail_crc = fill.part_crc if state.record.checksum_algorithm else 0
-        if (staged, fill.offset, state.total) != (state.record.staged, state.record.offset,
-                                                  state.record.total):
-            updated = replace(state.record, offset=fill.offset, crc32c=fill.crc,
+        release = self._leases.holds(state.record.name) and fill.offset != state.total
+        if release or (staged, fill.offset, state.total) != (
+                state.record.staged, state.record.offset, state.record.total):
+            updated = replace(base, offset=fill.offset, crc32c=fill.crc,
                               total=state.total, staged=staged, tail_crc32c=tail_crc,
                               updated_at=time.time(), small_writes=small_writes)
-            state.etag = await settled(self._records.put(updated, if_match=state.etag))
-            state.record = updated
+            state.record, state.etag = await settled(
+                self._leases.put(updated, state.etag, release=release))
+        if advanced is not None:
+            state.committed_part = advanced[1]
 
     @staticmethod
     def _trim_to_granules(state: WriteState, fill: Fill) -> int:
@@ -341,7 +363,7 @@ class Writer:
     async def _end_failed_write(self, state: WriteState) -> None:
         """After a failed part: record whatever contiguous prefix did land."""
         try:
-            await self._commit_parts(state)
+            await self._commit_parts(state, release=True)
         except (UploadError, S3Refusal) as exc:
             log.warning("could not record the durable parts of %r: %s", state.record.name, exc)
         await self._drop_consumed(state)
