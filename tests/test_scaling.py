@@ -445,41 +445,50 @@ async def test_a_probe_on_another_instance_reads_the_record_and_takes_nothing(
 # -- takeover from a live holder ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stalled_at", ["mid_first_part", "after_a_part"])
 async def test_a_chunk_on_another_instance_takes_over_a_stalled_request(
-        cluster, http, store) -> None:
+        cluster, http, store, gate, stalled_at) -> None:
     """The phone's old request hangs on instance A (half-open connection); it
     reconnects through the load balancer to B. B asks A to let go, A persists
     what it received and answers its (gone) client as an in-process takeover
-    does, and B continues."""
+    does, and B continues. A stalls with 2 MiB of a part received, or just
+    after it uploaded a part (with 1 MiB of the next one received)."""
     total = 9 * MIB
     data = random.Random(9).randbytes(total)
-    name = "takeover/live.bin"
+    name = f"takeover/{stalled_at}.bin"
     a, b = cluster[0], cluster[1]
     assert (await send_chunk(http, a, name, data[:MIB], 0, MIB, total)).offset == MIB
-    stalled = Stalled(data[MIB:3 * MIB], data[3 * MIB:])
+    upto = 3 * MIB if stalled_at == "mid_first_part" else 6 * MIB
+    part = gate.watch(lambda s: s.tag == a.tag and s.is_upload_part()
+                      and s.path == object_path(store.name, name))
+    stalled = Stalled(data[MIB:upto], data[upto:])
     old = asyncio.create_task(send_chunk(http, a, name, stalled.body(), MIB, total - MIB, total))
     await wait_for(stalled.paused, "the old request's first bytes were not taken")
+    if stalled_at == "after_a_part":
+        await wait_for(part.done, "instance A never uploaded part 1")
     # The bytes A holds are not acknowledged yet, so a probe may report less.
     offset = (await probe(http, b, name)).offset
     assert offset is not None and offset >= MIB
     started = time.monotonic()
     new = await send_chunk(http, b, name, data[offset:], offset, total - offset, total)
     took = time.monotonic() - started
-    assert new.status == 200 and describes(new.doc, data), str(new)
     try:
-        async with asyncio.timeout(5):
-            old_reply = await old  # A let go before B could write: it has answered
-    except TimeoutError:
-        raise AssertionError("instance A still holds the old request after B completed "
-                             "the upload: it was never asked to let go") from None
+        assert new.status == 200 and describes(new.doc, data), str(new)
+        try:
+            async with asyncio.timeout(5):
+                old_reply = await old  # A let go before B could write: it has answered
+        except TimeoutError:
+            raise AssertionError(
+                f"instance A still holds the old request {took:.2f}s after B started and "
+                "completed the upload: it was never asked to let go") from None
     finally:
         stalled.go_on.set()
     # The same answer as an in-process takeover: an interrupted body, 308 with
     # what A stored of it, which the client may probe and resume from.
     assert old_reply.status == 308, str(old_reply)
-    assert MIB <= old_reply.offset <= 3 * MIB, str(old_reply)
+    assert MIB <= old_reply.offset <= upto, str(old_reply)
     assert difference(await store.read(name), data) is None
-    print(f"\ntakeover of a live holder on another instance: the new request answered "
+    print(f"\ntakeover of a live holder stalled {stalled_at}: the new request answered "
           f"in {took:.2f}s; the old request was told {old_reply}")
 
 
@@ -727,21 +736,30 @@ async def test_a_holder_frozen_past_its_lease_writes_nothing_after_it_thaws(
     # would still do right after its answer has had its turn.
     assert (await probe(http, a, name)).status == 200
     after = await store.state(name)
-    late = [f"{op_name(s)} -> {s.status}" for s in cluster.seen(a.tag, since=thawed)
-            if is_write(s)]
+    late = [s for s in cluster.seen(a.tag, since=thawed) if is_write(s)]
+    shown = [f"{op_name(s)} -> {s.status}" for s in late]
     print(f"\nfrozen holder: B completed {took_over:.2f}s after the freeze; "
-          f"A's client was told {old_reply}; A's writes after the thaw: {late}")
-    assert not late, f"the stale writer wrote after it thawed: {late}"
+          f"A's client was told {old_reply}; A's writes after the thaw: {shown}")
+    # Nothing the stale writer did took effect: S3 accepted no write of it,
+    # it started no part upload or completion (UploadPart takes no
+    # condition), and the object, multipart uploads and record are as B left them.
+    harmful = [f"{op_name(s)} -> {s.status}" for s in late if s.status is None
+               or s.status < 300 or op_name(s) in (
+                   "UploadPart", "CompleteMultipartUpload", "CreateMultipartUpload")]
+    assert not harmful, f"the stale writer wrote after it thawed: {harmful}"
     assert (after["object"], after["multipart"]) == (before["object"], before["multipart"])
     assert set(after["staged"]) <= set(before["staged"])  # the winner may clear its own
     if not [s for s in cluster.seen(since=thawed) if s.method == "PUT"
-            and s.path == record_path(store.name, name)]:
+            and s.path == record_path(store.name, name) and (s.status or 0) < 300]:
         assert after["record"] == before["record"]
     assert difference(await store.read(name), data) is None
     assert old_reply.status is not None, str(old_reply)
     assert old_reply.status != 500, str(old_reply)
     if old_reply.status == 200:
         assert describes(old_reply.doc, data), str(old_reply)
+    # And it does not even try: its lease ran out while it was frozen, which
+    # its own clock tells it, so it has no record write to attempt either.
+    assert not shown, f"the stale writer attempted writes (S3 refused them): {shown}"
 
 
 # -- (e) chaos --------------------------------------------------------------------------------
