@@ -786,21 +786,39 @@ async def test_chaos_cuts_kills_and_random_instances_lose_nothing(
     seed = 12
     uploads = 20
     kill_at = (30, 75)  # chunks sent when an instance is killed and restarted
-    rng = random.Random(seed)
     figures = Figures(uploads=uploads)
     running: dict[str, set[str]] = {tag: set() for tag in cluster.tags}  # tag -> uploads
     orphaned: set[str] = set()  # uploads whose request died with its instance
     restarts: list[asyncio.Task[None]] = []
+    everything_sent = asyncio.Event()
     limit = asyncio.Semaphore(4)
 
     async def kill_and_restart() -> None:
-        # The instance busiest right now, so its leases are held when it dies.
-        index = max(range(len(cluster)),
-                    key=lambda i: (len(running[cluster[i].tag]), rng.random()))
-        tag = cluster[index].tag
-        orphaned.update(running[tag])
+        # Kill the instance whose part upload arrives next, holding it in the
+        # gate: that instance holds the upload's lease, which now has to run
+        # out before another instance may continue.
+        captured: list[Seen] = []
+
+        def part_upload(seen: Seen) -> bool:
+            if seen.is_upload_part() and "/chaos/" in seen.path:
+                captured.append(seen)
+                return True
+            return False
+
+        hold = gate.hold(part_upload)
+        await either(hold.arrived, everything_sent)
+        if captured:
+            index = cluster.tags.index(captured[0].tag)
+        else:  # no part upload came any more: the busiest instance then
+            hold.count = 0
+            index = max(range(len(cluster)), key=lambda i: len(running[cluster[i].tag]))
+        orphaned.update(running[cluster[index].tag])
         figures.kills += 1
-        await cluster.restart(index, http)
+        try:
+            await cluster.restart(index, http)
+        finally:
+            # The dead process's part upload lands late, as one in flight can.
+            hold.release()
 
     def count_chunk() -> None:
         figures.chunks += 1
@@ -902,7 +920,10 @@ async def test_chaos_cuts_kills_and_random_instances_lose_nothing(
 
     started = time.monotonic()
     async with asyncio.timeout(150):
-        await asyncio.gather(*(one(i) for i in range(uploads)))
+        try:
+            await asyncio.gather(*(one(i) for i in range(uploads)))
+        finally:
+            everything_sent.set()
         await asyncio.gather(*restarts)
     elapsed = time.monotonic() - started
     for index in range(uploads):
