@@ -324,32 +324,39 @@ async def test_every_chunk_on_another_instance_100mib(cluster, http, store, gate
     total = 100 * MIB
     data = random.Random(100).randbytes(total)
     name = "round-robin/100mib.bin"
-    costs: list[int] = []
+    costs: list[list[str]] = []  # each chunk's S3 requests, from the instance it went to
+    probe_cost: list[str] = []
     started = time.monotonic()
     for k in range(total // MIB):
         server = cluster[k % len(cluster)]
         before = time.monotonic()
         reply = await send_chunk(http, server, name, data[k * MIB:(k + 1) * MIB], k * MIB,
                                  MIB, total)
-        costs.append(len([s for s in cluster.seen(server.tag, since=before)
-                          if touches(s, store.name, name)]))
+        costs.append([op_name(s) for s in cluster.seen(server.tag, since=before)
+                      if touches(s, store.name, name)])
         if k < total // MIB - 1:
             assert (reply.status, reply.offset) == (308, (k + 1) * MIB), (k, str(reply))
         else:
             assert reply.status == 200, str(reply)
             assert describes(reply.doc, data), reply.doc
+        if k == total // MIB // 2:
+            other = cluster[(k + 1) % len(cluster)]
+            before = time.monotonic()
+            reply = await probe(http, other, name)
+            assert (reply.status, reply.offset) == (308, (k + 1) * MIB), str(reply)
+            probe_cost = [op_name(s) for s in cluster.seen(other.tag, since=before)
+                          if touches(s, store.name, name)]
     elapsed = time.monotonic() - started
-    before = time.monotonic()
-    reply = await probe(http, cluster[0], name)
-    assert reply.status == 200 and describes(reply.doc, data), str(reply)
-    probe_cost = [op_name(s) for s in cluster.seen(cluster[0].tag, since=before)]
     assert difference(await store.read(name), data) is None
     servers = {s.tag for s in gate.log if s.is_upload_part()}
     assert servers == set(cluster.tags), servers  # every instance wrote parts
+    counts = [len(c) for c in costs]
+    typical = collections.Counter(tuple(c) for c in costs).most_common(1)[0][0]
     print(f"\n100 MiB in 1 MiB chunks round robin over {len(cluster)} instances: "
-          f"{elapsed:.1f}s; S3 requests per chunk min {min(costs)}, median "
-          f"{statistics.median(costs)}, max {max(costs)}; probe of the completed upload: "
-          f"{probe_cost}")
+          f"{elapsed:.1f}s; S3 requests per chunk min {min(counts)}, median "
+          f"{statistics.median(counts)}, max {max(counts)}; the usual chunk: {list(typical)}; "
+          f"the dearest: {max(costs, key=len)}; a probe of the unfinished upload on "
+          f"another instance: {probe_cost}")
 
 
 # -- probes never take the lease ------------------------------------------------------------
