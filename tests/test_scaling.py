@@ -7,7 +7,9 @@ Three real ``python -m app`` processes share one moto server through an
 ``S3Gate`` (one tagged listener each; the gate makes conditional writes atomic
 as S3 does, logs every request and holds the ones a test names). Interleavings
 are made with events, byte counts and held requests; the only waits on time
-are deadlines and the leases' own expiry, which is the behaviour under test.
+are deadlines, the leases' own expiry (the behaviour under test) and a
+client's pause for ``Retry-After``. Figures (timings, S3 requests, the chaos
+run's counts) are printed, never asserted: ``-s`` shows them.
 """
 
 from __future__ import annotations
