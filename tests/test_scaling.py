@@ -483,13 +483,18 @@ async def test_a_chunk_on_another_instance_takes_over_a_stalled_request(
     took = time.monotonic() - started
     try:
         assert new.status == 200 and describes(new.doc, data), str(new)
-        try:
-            async with asyncio.timeout(5):
-                old_reply = await old  # A let go before B could write: it has answered
-        except TimeoutError:
+        # A let go before B could write, so it has answered by now (waited
+        # on without cancelling it, to see what it answers otherwise).
+        await asyncio.wait({old}, timeout=5)
+        if not old.done():
+            stalled.go_on.set()  # the client goes on: what does A make of it?
+            async with asyncio.timeout(DEADLINE):
+                late = await old
             raise AssertionError(
-                f"instance A still holds the old request {took:.2f}s after B started and "
-                "completed the upload: it was never asked to let go") from None
+                f"instance A still held the old request {took:.2f}s after B started and "
+                f"completed the upload: it was never asked to let go (once its client "
+                f"went on, it answered {late})")
+        old_reply = old.result()
     finally:
         stalled.go_on.set()
     # The same answer as an in-process takeover: an interrupted body, 308 with
