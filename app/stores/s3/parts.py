@@ -94,8 +94,9 @@ class WriteState:
     landed: dict[int, Part] = field(default_factory=dict)
     failure: BaseException | None = None
     buffered: int = 0
-    #: The body has ended: the final record write records what lands now.
+    #: The body has ended: the final record write records its last part.
     ended: bool = False
+    last_launched: int = 0
     #: CRC32C of the upload at the record's offset when the write began.
     start_crc: int = 0
     #: Segments this write began to stage: a cancellation deletes those the

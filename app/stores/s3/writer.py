@@ -102,8 +102,6 @@ class Writer:
         fill = self._start_fill(state)
         stream = aiter(chunks)
         overflow, stream_error = await self._read_body(state, fill, stream)
-        # Parts landing from now on are recorded by the final record write,
-        # together with the tail and the lease's release.
         state.ended = True
         if stream_error is None and (overflow is not None or state.failure is not None):
             await close_quietly(stream)
@@ -224,6 +222,7 @@ class Writer:
             state.semaphore.release()
             return False
         state.boundaries[fill.number] = (fill.offset, fill.crc)
+        state.last_launched = fill.number
         task = asyncio.create_task(
             self._part_task(state, fill.number, fill.buf, fill.prefix_len, fill.part_crc)
         )
@@ -251,7 +250,9 @@ class Writer:
             del buf
             state.release(size)
             state.semaphore.release()
-        if number in state.done and not state.ended:
+        # The last part of a body that has ended is recorded by the final
+        # record write, with the tail and the lease's release: one write less.
+        if number in state.done and not (state.ended and number == state.last_launched):
             try:
                 await self._commit_parts(state)
             except Exception as exc:
@@ -387,8 +388,15 @@ class Writer:
 
     async def _clean_after_cancel(self, state: WriteState) -> None:
         """Delete the staged objects of this write that the record does not
-        name. The record is read again: a commit may have landed after
+        name, and release the lease (another instance need not wait for it
+        to expire). The record is read again: a commit may have landed after
         ``state`` last saw it."""
+        if self._leases.holds(state.record.name):
+            try:
+                async with asyncio.timeout(_CANCEL_CLEANUP_SECONDS):
+                    await self._leases.release_quietly(state.record.name)
+            except TimeoutError:
+                log.info("cancelled write of %r: its lease is left to expire", state.record.name)
         candidates = [*state.prefix, *state.staging]
         if not candidates:
             return
