@@ -52,6 +52,8 @@ def test_environment_overrides_nested_keys() -> None:
         ({"APP__STORAGE__BACKEND": "ftp"}, "storage.backend: 'ftp' is not one of"),
         ({"APP__STORAGE__PART_SIZE": "6 parsecs"}, "storage.part_size:"),
         ({"APP__STORAGE__PART_SIZE": "1MiB"}, "storage.part_size: S3 needs parts"),
+        ({"APP__STORAGE__PART_SIZE": "100MiB"}, "storage.max_part_size: must be between"),
+        ({"APP__STORAGE__MAX_PART_SIZE": "6GiB"}, "storage.max_part_size: must be between"),
         ({"APP__STORAGE__BUKET": "x"}, "storage.buket: unknown key"),
         ({"APP__SERVER__PORT": "http"}, "server.port: expected an integer"),
         ({"PORT": "70000"}, "server.port: 70000 is not a TCP port"),

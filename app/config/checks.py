@@ -16,6 +16,13 @@ def validate(config: Config) -> None:
         raise ConfigError("server.public_url: must be an absolute http(s) URL, e.g. https://up.example.com")
     if s.part_size < 5 * 1024 * 1024 or s.part_size > 5 * 1024**3:
         raise ConfigError("storage.part_size: S3 needs parts between 5MiB and 5GiB")
+    if s.max_part_size < s.part_size or s.max_part_size > 5 * 1024**3:
+        raise ConfigError(
+            f"storage.max_part_size: must be between storage.part_size ({s.part_size} bytes) "
+            f"and S3's 5GiB, got {s.max_part_size} bytes; it caps the part size an upload "
+            "settles on to match its client's chunks, and each write may hold "
+            "storage.parts_in_flight + 1 parts of it in memory"
+        )
     if s.max_upload_size is not None and s.max_upload_size <= 0:
         raise ConfigError("storage.max_upload_size: must be positive (or unset for no limit)")
     if s.checksum_buffer < 1024 * 1024:

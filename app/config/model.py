@@ -107,6 +107,9 @@ class S3Config:
 class StorageConfig:
     backend: Literal["filesystem", "s3", "memory"] = "filesystem"
     part_size: Size = 6 * 1024 * 1024
+    #: Largest part an S3 upload may settle on to match its client's chunks
+    #: (each write holds up to ``parts_in_flight + 1`` part buffers).
+    max_part_size: Size = 64 * 1024 * 1024
     #: Largest object accepted; unset means only the store's own limits apply.
     max_upload_size: Size | None = None
     #: Unfinished uploads idle longer than this answer 404.

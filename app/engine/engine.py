@@ -391,7 +391,8 @@ class UploadEngine:
                     return Outcome(info, interrupted=flow.interrupted)
                 chunks = replay(held)
             try:
-                info = await self._store.write(info, chunks, total=plan.settle_total)
+                info = await self._store.write(info, chunks, total=plan.settle_total,
+                                               expected_length=plan.length)
             except TimeoutError:
                 raise StorageUnavailable(
                     "storage did not save the received data in time; probe for the offset"

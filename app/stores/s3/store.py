@@ -9,7 +9,13 @@ Layout under the configured ``prefix``::
     {prefix}.uploads/callbacks/{id}                   pending completion callbacks
 
 Part ``n`` (1-based) holds bytes ``[(n-1)*P, n*P)``; every part but the last is
-exactly ``P``, fixed in the record at creation. Bytes past the last full part
+exactly ``P``, kept in the record. ``P`` is the configured part size (grown
+for a large total) until the first write: a first write at byte 0 that
+declares its length settles ``P`` on that length when S3 takes it as a part
+(``rules.aligned_part_size``, capped by ``storage.max_part_size``), so a client
+sending chunks of that size has each one uploaded as exactly one part with
+nothing staged. Once bytes are stored ``P`` never changes (R2 wants equal
+parts); chunks that do not align are staged as below. Bytes past the last full part
 are *staged*: each write's remainder becomes its own small object keyed by its
 start offset, and when a part fills, the staged segments plus the new bytes are
 uploaded as that part. The key also carries a token unique to the write, and
@@ -255,6 +261,7 @@ class S3Store:
         chunks: AsyncIterable[bytes],
         *,
         total: int | None = None,
+        expected_length: int | None = None,
     ) -> UploadInfo:
         if info.completed is not None:
             raise UploadNotFound(f"the upload {info.name!r} is already complete")
@@ -268,7 +275,25 @@ class S3Store:
         else:
             record, etag = await self.records.load(info.name)
         settled = rules.check_write(record.to_info(etag), info, total)
-        return await self._writer.write(record, etag, settled, chunks, fresh=known is None)
+        stored = record
+        record = self._aligned(record, settled, expected_length)
+        done = await self._writer.write(record, etag, settled, chunks, fresh=known is None)
+        # A write that stored nothing did not record the part size it chose:
+        # the upload is still as it was, and the next first write decides again.
+        return stored.to_info(etag) if done.version == etag else done
+
+    def _aligned(self, record: Record, total: int | None, expected_length: int | None) -> Record:
+        """``record`` with the part size its first write settles on (parts that
+        match the client's chunks, ``rules.aligned_part_size``); the record
+        write that stores the first bytes persists it."""
+        part_size = rules.aligned_part_size(
+            record.part_size, offset=record.offset, length=expected_length, total=total,
+            ceiling=self._config.max_upload_size, largest=self._config.max_part_size,
+        )
+        if part_size == record.part_size:
+            return record
+        log.debug("upload %r: part size %d settled from its first chunk", record.name, part_size)
+        return replace(record, part_size=part_size)
 
     async def finish(
         self, info: UploadInfo, *, md5: bytes | None = None, notify: bool = False
