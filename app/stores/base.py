@@ -90,8 +90,8 @@ class Store(Protocol):
         sends bytes past the total. Raises ``UploadNotFound`` for a cancelled
         or completed upload.
 
-        ``expected_length`` is a hint: the bytes the request declares (None:
-        it streams until its body ends), known before any of them is read. A
+        ``expected_length`` is a hint: the new bytes the request declares
+        (None: it streams until its body ends), known before any is read. A
         store that lays bytes out in fixed parts may settle its part size
         from the first write's hint (S3: parts that match the client's chunks,
         ``rules.aligned_part_size``), and reports the settled size in the
