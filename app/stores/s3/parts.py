@@ -10,7 +10,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from app.core.digests import crc32c_b64
+from app.core.digests import crc32c_b64, crc32c_combine
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES
 from app.stores.s3.records import Layout, Part, Record, Segment
@@ -97,8 +97,6 @@ class WriteState:
     #: Whether the record was read from the bucket for this write; if not, it
     #: is read before the first part upload.
     fresh: bool = True
-    #: CRC32C of the upload at the record's offset when the write began.
-    start_crc: int = 0
     #: Segments this write began to stage: a cancellation deletes those the
     #: record does not name.
     staging: list[Segment] = field(default_factory=list)
@@ -118,7 +116,13 @@ class WriteState:
 
 @dataclass
 class Fill:
-    """The part being filled, and where the write has got to."""
+    """The part being filled, and where the write has got to.
+
+    The part's new bytes are kept as the pieces they arrived in and joined
+    once, into the ``bytes`` that UploadPart sends: aiohttp sends a ``bytes``
+    body as it is, where a ``bytearray`` would be copied once more. Each byte
+    is run through CRC32C once (``new_crc``); the upload's and the part's
+    running CRCs are combined from it when a part or the write ends."""
 
     size: int
     limit: int
@@ -129,16 +133,30 @@ class Fill:
     pos: int
     new_from: int
     prefix_len: int
+    #: CRC32C of the part's bytes before ``new_from`` (the staged prefix; 0 if none).
     part_crc: int
-    #: Upload offset reached and the CRC32C of [0, offset).
+    #: Upload offset reached, and the CRC32C of [0, the part's ``new_from``).
     offset: int
     crc: int
-    buf: bytearray | None = None
+    #: This write's bytes of the part, [new_from, pos); None: no buffer held.
+    pieces: list[bytes] | None = None
+    #: CRC32C of the bytes in ``pieces``.
+    new_crc: int = 0
 
-    def next_part(self) -> None:
+    def crc_now(self) -> int:
+        """CRC32C of the upload's bytes [0, offset)."""
+        return crc32c_combine(self.crc, self.new_crc, self.pos - self.new_from)
+
+    def part_crc_now(self) -> int:
+        """CRC32C of the part's bytes [0, pos)."""
+        return crc32c_combine(self.part_crc, self.new_crc, self.pos - self.new_from)
+
+    def next_part(self, crc: int) -> None:
+        """Move on to the next part; ``crc``: ``crc_now()`` at the end of this one."""
         self.number += 1
         self.start += self.length
         self.length = min(self.size, self.limit - self.start)
         self.pos = self.new_from = self.prefix_len = 0
-        self.part_crc = 0
-        self.buf = None
+        self.part_crc = self.new_crc = 0
+        self.crc = crc
+        self.pieces = None

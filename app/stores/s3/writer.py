@@ -82,7 +82,7 @@ class Writer:
             record=record, etag=etag, total=total, prefix=record.staged,
             first_part=first_part, committed_part=first_part - 1,
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
-            fresh=fresh, start_crc=record.crc32c,
+            fresh=fresh,
         )
         try:
             return await self._write(state, chunks)
@@ -179,31 +179,28 @@ class Writer:
     async def _take(self, state: WriteState, fill: Fill, data: bytes) -> bool:
         """Copy ``data`` into parts, launching each one that fills; False when
         a part failed and the rest can never become durable."""
-        with_part_crc = bool(state.record.checksum_algorithm)
         i = 0
         while i < len(data):
-            if fill.buf is None:
-                fill.buf = bytearray(fill.length)
+            if fill.pieces is None:
+                fill.pieces = []
                 state.hold(fill.length)
             n = min(len(data) - i, fill.length - fill.pos)
             # Only a chunk that straddles a part boundary is sliced (copied).
             piece = data if n == len(data) else data[i : i + n]
-            fill.crc = crc32c_extend(fill.crc, piece)
-            if with_part_crc:
-                fill.part_crc = crc32c_extend(fill.part_crc, piece)
-            fill.buf[fill.pos : fill.pos + n] = piece
+            fill.new_crc = crc32c_extend(fill.new_crc, piece)
+            fill.pieces.append(piece)
             fill.pos += n
             fill.offset += n
             i += n
             if fill.pos == fill.length:
                 if not await self._launch_part(state, fill):
                     return False
-                fill.next_part()
+                fill.next_part(state.boundaries[fill.number][1])
         return True
 
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
-        assert fill.buf is not None
+        assert fill.pieces is not None
         if not state.fresh:
             # UploadPart takes no condition: make sure no other writer moved
             # the record before overwriting a part number it may have used.
@@ -220,22 +217,27 @@ class Writer:
             # Bytes past a failed part can never become durable in this write.
             state.semaphore.release()
             return False
-        state.boundaries[fill.number] = (fill.offset, fill.crc)
+        state.boundaries[fill.number] = (fill.offset, fill.crc_now())
+        part_crc = fill.part_crc_now() if state.record.checksum_algorithm else 0
         task = asyncio.create_task(
-            self._part_task(state, fill.number, fill.buf, fill.prefix_len, fill.part_crc)
+            self._part_task(state, fill.number, fill.pieces, fill.length, fill.prefix_len,
+                            part_crc)
         )
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
         return True
 
     async def _part_task(
-        self, state: WriteState, number: int, buf: bytearray, prefix_len: int, part_crc: int
+        self, state: WriteState, number: int, pieces: list[bytes], size: int, prefix_len: int,
+        part_crc: int,
     ) -> None:
-        size = len(buf)
         try:
-            if prefix_len:
-                await self._staged.fill(state.record, state.prefix, buf)
-            result = await upload_part(self._client, self._layout, state.record, number, buf,
+            head = await self._staged.read_all(state.record, state.prefix) if prefix_len else []
+            body = b"".join([*head, *pieces])
+            # The pieces go as soon as they are joined: one copy of the part is held.
+            del head
+            pieces.clear()
+            result = await upload_part(self._client, self._layout, state.record, number, body,
                                        part_crc)
             # What this write uploaded is what the record will name: completion
             # assembles exactly these ETags, never whatever S3 lists later.
@@ -245,7 +247,9 @@ class Writer:
         except Exception as exc:
             state.fail(exc)
         finally:
-            del buf
+            # Not held while the record is committed below.
+            body = b""
+            pieces.clear()
             state.release(size)
             state.semaphore.release()
         if number in state.done:
@@ -279,23 +283,23 @@ class Writer:
         staged, tail_crc = state.record.staged, state.record.tail_crc32c
         # A staged tail is always shorter than a part: the loop uploads every
         # part it fills, so a full buffer never reaches this point.
-        assert fill.buf is None or fill.pos < fill.length
+        assert fill.pieces is None or fill.pos < fill.length
         small_writes = state.record.small_writes
-        if fill.buf is not None and fill.pos > fill.new_from:
+        if fill.pieces is not None and fill.pos > fill.new_from:
             small_writes += self._trim_to_granules(state, fill)
-        if fill.buf is not None and fill.pos > fill.new_from:
-            data, start = await self._remainder(state, fill)
-            state.release(len(fill.buf))
-            fill.buf = None
-            segment = self._staged.new_segment(data, start)
+        if fill.pieces is not None and fill.pos > fill.new_from:
+            data, start = self._remainder(fill)
+            state.release(fill.length)
+            fill.pieces = None
+            segment = self._staged.new_segment(data, start, crc32c=fill.new_crc)
             state.staging.append(segment)
             await settled(self._staged.put(state.record.session_id, segment, data))
             # A folded segment starts where the earlier ones did and replaces them.
             staged = (*(s for s in staged if s.start < start), segment)
-            tail_crc = fill.part_crc if state.record.checksum_algorithm else 0
+            tail_crc = fill.part_crc_now() if state.record.checksum_algorithm else 0
         if (staged, fill.offset, state.total) != (state.record.staged, state.record.offset,
                                                   state.record.total):
-            updated = replace(state.record, offset=fill.offset, crc32c=fill.crc,
+            updated = replace(state.record, offset=fill.offset, crc32c=fill.crc_now(),
                               total=state.total, staged=staged, tail_crc32c=tail_crc,
                               updated_at=time.time(), small_writes=small_writes)
             state.etag = await settled(self._records.put(updated, if_match=state.etag))
@@ -316,27 +320,19 @@ class Writer:
             return 0
         if keep <= fill.new_from:
             keep = fill.new_from  # not a whole granule of new bytes: none are kept
-        assert fill.buf is not None
-        # The CRC32C at the cut, from where this write's bytes in the part begin.
-        if fill.new_from and fill.number == state.first_part:
-            crc, part_crc = state.start_crc, state.record.tail_crc32c
-        elif fill.number - 1 in state.boundaries:
-            crc, part_crc = state.boundaries[fill.number - 1][1], 0
-        else:
-            crc, part_crc = state.start_crc, 0
-        kept = bytes(memoryview(fill.buf)[fill.new_from : keep])
-        fill.crc = crc32c_extend(crc, kept)
-        if state.record.checksum_algorithm:
-            fill.part_crc = crc32c_extend(part_crc, kept)
+        assert fill.pieces is not None
+        kept = b"".join(fill.pieces)[: keep - fill.new_from]
+        fill.pieces = [kept]
+        fill.new_crc = crc32c_extend(0, kept)
         fill.offset -= fill.pos - keep
         fill.pos = keep
         return 0
 
-    async def _remainder(self, state: WriteState, fill: Fill) -> tuple[bytes, int]:
+    @staticmethod
+    def _remainder(fill: Fill) -> tuple[bytes, int]:
         """The bytes to stage after the last full part, and their start offset."""
-        assert fill.buf is not None
-        new_from = fill.new_from
-        return bytes(memoryview(fill.buf)[new_from : fill.pos]), fill.start + new_from
+        assert fill.pieces is not None
+        return b"".join(fill.pieces), fill.start + fill.new_from
 
     async def _end_failed_write(self, state: WriteState) -> None:
         """After a failed part: record whatever contiguous prefix did land."""
