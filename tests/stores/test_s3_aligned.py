@@ -299,3 +299,23 @@ async def test_a_new_instance_continues_with_the_settled_part_size(
     await second.finish(info)
     assert staged_requests(gate) == []
     assert read_object(s3_client, bucket, "restart.bin") == data
+
+
+# -- the part body ------------------------------------------------------------------
+
+
+async def test_a_part_goes_to_the_http_client_as_the_bytes_it_was_joined_into(open_s3, bucket):
+    """botocore would wrap a ``bytes`` body in a ``BytesIO`` that aiohttp then
+    copies; the store's client sends it as it is."""
+    store = await open_s3()
+    bodies: list[object] = []
+
+    def seen(params: dict, **_: object) -> None:
+        bodies.append(params["body"])
+
+    store.client.events.register("before-call.s3.UploadPart", seen)
+    data = payload(CHUNK, seed=29)
+    info = await create(store, "body.bin", None)
+    await store.write(info, stream(data), expected_length=CHUNK)
+    assert [type(b) for b in bodies] == [bytes]
+    assert bodies[0] == data
