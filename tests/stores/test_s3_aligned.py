@@ -17,6 +17,7 @@ import google_crc32c
 import pytest
 
 from app.core.protocol import MIB
+from app.stores.s3.parts import PartBody
 from app.stores.s3.store import S3Store
 from tests.s3_gate import S3Gate, Seen
 from tests.stores import test_s3_store
@@ -304,9 +305,10 @@ async def test_a_new_instance_continues_with_the_settled_part_size(
 # -- the part body ------------------------------------------------------------------
 
 
-async def test_a_part_goes_to_the_http_client_as_the_bytes_it_was_joined_into(open_s3, bucket):
-    """botocore would wrap a ``bytes`` body in a ``BytesIO`` that aiohttp then
-    copies; the store's client sends it as it is."""
+async def test_a_part_goes_to_the_http_client_as_slices_of_one_bytes_object(open_s3, bucket):
+    """Neither botocore (a ``BytesIO`` that aiohttp copies) nor aiohttp (the
+    head joined with the whole body) gets a part to copy: it is written in
+    ``memoryview`` slices of the one ``bytes`` it was joined into."""
     store = await open_s3()
     bodies: list[object] = []
 
@@ -317,5 +319,26 @@ async def test_a_part_goes_to_the_http_client_as_the_bytes_it_was_joined_into(op
     data = payload(CHUNK, seed=29)
     info = await create(store, "body.bin", None)
     await store.write(info, stream(data), expected_length=CHUNK)
-    assert [type(b) for b in bodies] == [bytes]
-    assert bodies[0] == data
+    assert [type(b) for b in bodies] == [PartBody]
+    slices = [s async for s in bodies[0]]  # type: ignore[attr-defined]
+    assert {type(s) for s in slices} == {memoryview}
+    assert all(s.obj is slices[0].obj for s in slices)
+    assert b"".join(slices) == data
+
+
+async def test_part_bodies_survive_payload_signing(open_s3, s3_client, bucket):
+    """Payload signing reads the body to hash it and seeks back before it is sent."""
+    store = await open_s3(s3={"payload_signing": True})
+    data = payload(2 * CHUNK + MIB, seed=30)
+    info = await create(store, "signed.bin", len(data))
+    info = await write_chunks(store, info, data, 0, CHUNK)
+    await store.finish(info)
+    assert read_object(s3_client, bucket, "signed.bin") == data
+
+
+def test_a_part_body_reads_and_seeks_like_a_file() -> None:
+    body = PartBody(b"0123456789")
+    assert (len(body), body.read(4), body.tell()) == (10, b"0123", 4)
+    assert body.read() == b"456789" and body.read(3) == b""
+    assert body.seek(-3, 2) == 7 and body.read(None) == b"789"
+    assert body.seek(0) == 0

@@ -20,7 +20,6 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.handlers import convert_body_to_file_like_object
 
 from app.config import StorageConfig
 from app.errors import StorageUnavailable, UploadError
@@ -75,7 +74,6 @@ class S3Client:
         except TRANSPORT_ERRORS as exc:
             await stack.aclose()
             raise StorageUnavailable(f"S3 store: cannot create the S3 client: {exc}") from None
-        send_part_bodies_as_they_are(client)
         return cls(client, str(s3.bucket), stack)
 
     async def close(self) -> None:
@@ -236,16 +234,6 @@ class S3Client:
                 return
             raise
         await self.delete_keys(keys, quiet=quiet)
-
-
-def send_part_bodies_as_they_are(client: Any) -> None:
-    """Let UploadPart send a ``bytes`` body as it is. botocore wraps one in a
-    ``BytesIO``, which aiohttp copies whole (``BytesIOPayload`` takes its
-    buffer) and then again in 64 KiB reads, each a trip through the event
-    loop; a ``bytes`` body it writes without a copy. Retries need no rewind
-    for ``bytes``, and the part's checksum is computed by the writer."""
-    client.meta.events.unregister("before-parameter-build.s3.UploadPart",
-                                  convert_body_to_file_like_object)
 
 
 def observe_client_calls(client: Any, observer: CallObserver) -> None:

@@ -38,6 +38,54 @@ class BufferGauge:
         self.peak = self.held
 
 
+#: Bytes per write of a part body to the connection.
+_SLICE = 256 * 1024
+
+
+class PartBody:
+    """A part's bytes as UploadPart's body, written to the connection in
+    ``memoryview`` slices of the one buffer.
+
+    Handed a buffer whole, botocore wraps ``bytes`` in a ``BytesIO`` that
+    aiohttp copies (twice), aiohttp copies a ``bytearray`` and, on Python
+    before 3.12.9, joins the body with the request head (another copy), and
+    asyncio copies whatever the socket does not take at once into its
+    buffer; slices that the socket mostly takes whole cost none of these.
+    botocore sees a file (``read``, ``seek``, ``tell``: what payload signing
+    and a retry's rewind use), aiohttp an async iterable, iterated afresh
+    for every attempt."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._data = data
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._data) if size is None or size < 0 else min(len(self._data),
+                                                                    self._pos + size)
+        chunk = bytes(self._data[self._pos : end])
+        self._pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._data))[whence]
+        self._pos = max(0, min(len(self._data), base + offset))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __aiter__(self) -> AsyncIterator[memoryview]:
+        return self._slices()
+
+    async def _slices(self) -> AsyncIterator[memoryview]:
+        view = memoryview(self._data)
+        for at in range(self._pos, len(view), _SLICE):
+            yield view[at : at + _SLICE]
+
+
 async def upload_part(
     client: S3Client, layout: Layout, record: Record, number: int, body: bytes | bytearray,
     part_crc: int,
@@ -47,7 +95,7 @@ async def upload_part(
         "Key": layout.object_key(record.object_name),
         "UploadId": record.upload_id,
         "PartNumber": number,
-        "Body": body,
+        "Body": PartBody(body),
     }
     if record.checksum_algorithm:
         # S3 rejects the part if the bytes it got do not match this CRC.
