@@ -208,7 +208,7 @@ class Completion:
         try:
             await self._staged.fill(record, record.staged, buf)
             result = await upload_part(self._client, self._layout, record,
-                                       start // record.part_size + 1, buf, record.tail_crc32c)
+                                       start // record.part_size + 1, [buf], record.tail_crc32c)
             return Part(bare_etag(result["ETag"]), record.tail_crc32c, record.crc32c)
         finally:
             self._gauge.release(len(buf))

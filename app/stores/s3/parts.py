@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,40 +38,48 @@ class BufferGauge:
         self.peak = self.held
 
 
-#: Bytes per write of a part body to the connection.
+#: Most bytes per write of a part body to the connection.
 _SLICE = 256 * 1024
 
 
 class PartBody:
-    """A part's bytes as UploadPart's body, written to the connection in
-    ``memoryview`` slices of the one buffer.
+    """A part's bytes as UploadPart's body: the pieces they arrived in,
+    written to the connection as ``memoryview`` slices of them, never copied.
 
-    Handed a buffer whole, botocore wraps ``bytes`` in a ``BytesIO`` that
-    aiohttp copies (twice), aiohttp copies a ``bytearray`` and, on Python
-    before 3.12.9, joins the body with the request head (another copy), and
-    asyncio copies whatever the socket does not take at once into its
-    buffer; slices that the socket mostly takes whole cost none of these.
-    botocore sees a file (``read``, ``seek``, ``tell``: what payload signing
-    and a retry's rewind use), aiohttp an async iterable, iterated afresh
-    for every attempt."""
+    Handed one buffer, botocore wraps ``bytes`` in a ``BytesIO`` that aiohttp
+    copies (twice), aiohttp copies a ``bytearray`` and, on Python before
+    3.12.9, joins the body with the request head (another copy), and asyncio
+    copies whatever the socket does not take at once into its buffer; pieces
+    of at most ``_SLICE`` that the socket mostly takes whole cost none of
+    these, and the part is never joined. botocore sees a file (``read``,
+    ``seek``, ``tell``: what payload signing and a retry's rewind use; only a
+    ``read`` joins the pieces), aiohttp an async iterable, iterated afresh for
+    every attempt."""
 
-    def __init__(self, data: bytes | bytearray) -> None:
-        self._data = data
+    def __init__(self, pieces: Sequence[bytes | bytearray]) -> None:
+        self._pieces = pieces
+        self._size = sum(len(p) for p in pieces)
         self._pos = 0
+        self._joined: bytes | None = None
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._size
+
+    @property
+    def pieces(self) -> Sequence[bytes | bytearray]:
+        return self._pieces
 
     def read(self, size: int | None = -1) -> bytes:
-        end = len(self._data) if size is None or size < 0 else min(len(self._data),
-                                                                    self._pos + size)
-        chunk = bytes(self._data[self._pos : end])
+        if self._joined is None:
+            self._joined = b"".join(self._pieces)
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        chunk = self._joined[self._pos : end]
         self._pos = end
         return chunk
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = (0, self._pos, len(self._data))[whence]
-        self._pos = max(0, min(len(self._data), base + offset))
+        base = (0, self._pos, self._size)[whence]
+        self._pos = max(0, min(self._size, base + offset))
         return self._pos
 
     def tell(self) -> int:
@@ -81,21 +89,28 @@ class PartBody:
         return self._slices()
 
     async def _slices(self) -> AsyncIterator[memoryview]:
-        view = memoryview(self._data)
-        for at in range(self._pos, len(view), _SLICE):
-            yield view[at : at + _SLICE]
+        skip = self._pos
+        for piece in self._pieces:
+            view = memoryview(piece)
+            if skip >= len(view):
+                skip -= len(view)
+                continue
+            for at in range(skip, len(view), _SLICE):
+                yield view[at : at + _SLICE]
+            skip = 0
 
 
 async def upload_part(
-    client: S3Client, layout: Layout, record: Record, number: int, body: bytes | bytearray,
-    part_crc: int,
+    client: S3Client, layout: Layout, record: Record, number: int,
+    pieces: Sequence[bytes | bytearray], part_crc: int,
 ) -> dict[str, Any]:
-    """UploadPart ``number`` of the record's multipart upload."""
+    """UploadPart ``number`` of the record's multipart upload: the bytes of
+    ``pieces``, in order."""
     params: dict[str, Any] = {
         "Key": layout.object_key(record.object_name),
         "UploadId": record.upload_id,
         "PartNumber": number,
-        "Body": PartBody(body),
+        "Body": PartBody(pieces),
     }
     if record.checksum_algorithm:
         # S3 rejects the part if the bytes it got do not match this CRC.
@@ -166,10 +181,9 @@ class WriteState:
 class Fill:
     """The part being filled, and where the write has got to.
 
-    The part's new bytes are kept as the pieces they arrived in and joined
-    once, into the ``bytes`` that UploadPart sends: aiohttp sends a ``bytes``
-    body as it is, where a ``bytearray`` would be copied once more. Each byte
-    is run through CRC32C once (``new_crc``); the upload's and the part's
+    The part's new bytes are kept as the pieces they arrived in, and sent as
+    they are (``PartBody``): no part buffer is filled or copied. Each byte is
+    run through CRC32C once (``new_crc``); the upload's and the part's
     running CRCs are combined from it when a part or the write ends."""
 
     size: int

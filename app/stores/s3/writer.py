@@ -231,12 +231,10 @@ class Writer:
         self, state: WriteState, number: int, pieces: list[bytes], size: int, prefix_len: int,
         part_crc: int,
     ) -> None:
+        body: list[bytes] = []
         try:
             head = await self._staged.read_all(state.record, state.prefix) if prefix_len else []
-            body = b"".join([*head, *pieces])
-            # The pieces go as soon as they are joined: one copy of the part is held.
-            del head
-            pieces.clear()
+            body = [*head, *pieces]
             result = await upload_part(self._client, self._layout, state.record, number, body,
                                        part_crc)
             # What this write uploaded is what the record will name: completion
@@ -248,7 +246,7 @@ class Writer:
             state.fail(exc)
         finally:
             # Not held while the record is committed below.
-            body = b""
+            body.clear()
             pieces.clear()
             state.release(size)
             state.semaphore.release()
