@@ -19,6 +19,7 @@ import pytest
 from app.core.protocol import MIB
 from app.stores.s3.parts import PartBody
 from app.stores.s3.store import S3Store
+from app.stores.s3.writer import SMALL_PIECE
 from tests.s3_gate import S3Gate, Seen
 from tests.stores import test_s3_store
 from tests.stores.test_s3_store import (
@@ -357,3 +358,22 @@ async def test_a_part_body_reads_and_seeks_like_a_file() -> None:
     assert body.seek(0) == 0
     assert b"".join([bytes(s) async for s in body]) == b"0123456789"
     assert b"".join([bytes(s) async for s in body]) == b"0123456789"
+
+
+async def test_tiny_reads_are_gathered_not_kept_one_by_one(open_s3, s3_client, bucket):
+    """A body read a few bytes at a time still makes the part, and the part
+    goes out as a few buffers, not an object per read."""
+    store = await open_s3()
+    bodies: list[int] = []
+
+    def seen(params: dict, **_: object) -> None:
+        bodies.append(len(params["body"].pieces))
+
+    store.client.events.register("before-call.s3.UploadPart", seen)
+    data = payload(P + 1000, seed=31)
+    info = await create(store, "tiny.bin", len(data))
+    info = await store.write(info, stream(data, chunk=997))
+    # 5,259 reads; without gathering as many pieces.
+    assert len(bodies) == 1 and bodies[0] <= P // SMALL_PIECE + 1
+    await store.finish(info)
+    assert read_object(s3_client, bucket, "tiny.bin") == data

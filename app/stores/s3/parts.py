@@ -201,7 +201,7 @@ class Fill:
     offset: int
     crc: int
     #: This write's bytes of the part, [new_from, pos); None: no buffer held.
-    pieces: list[bytes] | None = None
+    pieces: list[bytes | bytearray] | None = None
     #: CRC32C of the bytes in ``pieces``.
     new_crc: int = 0
 

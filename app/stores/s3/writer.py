@@ -52,6 +52,10 @@ GRANULE = 256 * 1024
 MAX_GRANULES = 64
 #: Writes of an upload that stage a remainder shorter than ``GRANULE`` in full.
 SMALL_WRITE_BUDGET = 64
+#: Pieces of a part shorter than this are gathered into one ``bytearray``
+#: rather than kept one by one: a client trickling a byte per read must not
+#: make a part cost an object per byte.
+SMALL_PIECE = 64 * 1024
 #: Bound on the clean-up after a cancellation: a cancelled (often timed-out)
 #: write must not linger; what it leaves is garbage the orphan sweep finds.
 _CANCEL_CLEANUP_SECONDS = 10.0
@@ -177,7 +181,7 @@ class Writer:
         )
 
     async def _take(self, state: WriteState, fill: Fill, data: bytes) -> bool:
-        """Copy ``data`` into parts, launching each one that fills; False when
+        """Add ``data`` to parts, launching each one that fills; False when
         a part failed and the rest can never become durable."""
         i = 0
         while i < len(data):
@@ -188,7 +192,13 @@ class Writer:
             # Only a chunk that straddles a part boundary is sliced (copied).
             piece = data if n == len(data) else data[i : i + n]
             fill.new_crc = crc32c_extend(fill.new_crc, piece)
-            fill.pieces.append(piece)
+            if n >= SMALL_PIECE:
+                fill.pieces.append(piece)
+            elif fill.pieces and isinstance(fill.pieces[-1], bytearray) \
+                    and len(fill.pieces[-1]) < SMALL_PIECE:
+                fill.pieces[-1] += piece
+            else:
+                fill.pieces.append(bytearray(piece))
             fill.pos += n
             fill.offset += n
             i += n
@@ -228,10 +238,10 @@ class Writer:
         return True
 
     async def _part_task(
-        self, state: WriteState, number: int, pieces: list[bytes], size: int, prefix_len: int,
-        part_crc: int,
+        self, state: WriteState, number: int, pieces: list[bytes | bytearray], size: int,
+        prefix_len: int, part_crc: int,
     ) -> None:
-        body: list[bytes] = []
+        body: list[bytes | bytearray] = []
         try:
             head = await self._staged.read_all(state.record, state.prefix) if prefix_len else []
             body = [*head, *pieces]
