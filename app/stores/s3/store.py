@@ -52,7 +52,8 @@ collaborators that each own one concern:
   everything lives, conditional record reads and writes, record scans.
 * ``staged.StagedData``: staged tail objects and the cache of them.
 * ``writer.Writer``: the write loop, parts in flight, staging of the tail,
-  honest cancellation; ``parts.py`` its bookkeeping, the UploadPart call and
+  honest cancellation; ``parts.py`` its bookkeeping, the UploadPart call
+  (``PartBody``: a part sent as the pieces it arrived in, uncopied) and
   ``BufferGauge``, the count of part buffers held.
 * ``completion.Completion``: the MPU (and its staged tail) into the object.
 * ``sweeper.S3OrphanSweeper``: crash leftovers, found and removed (the
