@@ -181,8 +181,9 @@ class WriteState:
 class Fill:
     """The part being filled, and where the write has got to.
 
-    The part's new bytes are kept as the pieces they arrived in, and sent as
-    they are (``PartBody``): no part buffer is filled or copied. Each byte is
+    The part's new bytes are kept as the pieces they arrived in (short ones
+    gathered), and sent as they are (``PartBody``): no part buffer is filled
+    and copied. Each byte is
     run through CRC32C once (``new_crc``); the upload's and the part's
     running CRCs are combined from it when a part or the write ends."""
 
