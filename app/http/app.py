@@ -20,6 +20,7 @@ from app.auth.webhook import Authorizer, AuthRequest, make_authorizer
 from app.callbacks.intents import completion_payload, notifier_for
 from app.callbacks.notifier import CompletionNotifier
 from app.config import Config, StorageConfig
+from app.core.budget import MemoryBudget
 from app.core.grant import Grant
 from app.engine.engine import UploadEngine
 from app.engine.writers import WriterRegistry
@@ -40,7 +41,12 @@ __all__ = ["build_app", "completion_payload", "dialects_for"]
 
 log = logging.getLogger("app.server")
 
-StoreOpener = Callable[[StorageConfig], Awaitable[Store]]
+#: aiohttp's body buffer per request (its default is 256 KiB): reading stops
+#: once twice this is buffered and unread, so a request waiting for the memory
+#: budget holds at most about 2 x this plus one socket read (``body.py``).
+READ_BUFFER = 64 * 1024
+
+StoreOpener = Callable[[StorageConfig, MemoryBudget], Awaitable[Store]]
 
 
 def dialects_for(config: Config) -> list[Dialect]:
@@ -94,16 +100,20 @@ def build_app(
     authorizer: Authorizer | None = None,
     readiness_ttl: float | None = None,
     clock: Callable[[], float] = time.time,
+    budget: MemoryBudget | None = None,
 ) -> web.Application:
     """Build the app. ``clock`` is the engine's wall clock (upload expiry);
     ``store`` and ``authorizer`` may be injected (tests, embedding);
     an injected store is left open for its owner to close, otherwise
     ``open_store`` opens one at start-up. ``readiness_ttl`` overrides how long a
-    ``/readyz`` answer is reused (0: check every time)."""
+    ``/readyz`` answer is reused (0: check every time). ``budget``: the memory
+    budget the app's requests share (pass the one an injected store was opened
+    with); by default a new one, as ``storage.memory_budget`` says."""
     # CORS inside the error middleware, so its refusals are logged and rendered
     # like any other error, and before every route, so before auth and body.
     app = web.Application(middlewares=[errors_and_access_log, cors_guard],
-                          client_max_size=1024 * 1024)
+                          client_max_size=1024 * 1024,
+                          handler_args={"read_bufsize": READ_BUFFER})
     app[keys.CONFIG] = config
     app[CORS_POLICY] = policy_for(config.cors)
     app.on_response_prepare.append(add_cors_headers)
@@ -113,6 +123,10 @@ def build_app(
     app[keys.METRICS] = metrics
     metrics.track_writers(writers)
     metrics.track_store(lambda: app.get(keys.STORE))
+    if budget is None:
+        budget = MemoryBudget(config.storage.memory_budget, wait=config.storage.budget_wait)
+    app[keys.BUDGET] = budget
+    metrics.track_budget(budget)
     if readiness_ttl is None:
         readiness_ttl = config.server.readiness_cache_ttl
     readiness = Readiness(lambda: app.get(keys.STORE), ttl=readiness_ttl)
@@ -128,7 +142,7 @@ def build_app(
             )
         ) as callbacks_session:
             own_store = store is None
-            active_store = await open_store(config.storage) if store is None else store
+            active_store = await open_store(config.storage, budget) if store is None else store
             try:
                 app[keys.STORE] = active_store
                 metrics.track_calls(active_store)
@@ -161,6 +175,7 @@ def build_app(
                     on_complete=on_complete,
                     clock=clock,
                     on_notice_pending=on_notice_pending if notifier.enabled else None,
+                    budget=budget,
                 )
                 redelivery = (
                     asyncio.create_task(_redeliver(notifier)) if notifier.enabled else None

@@ -1,6 +1,7 @@
 """Part bookkeeping shared by the write path and completion: what one write
 in progress holds (``WriteState``, ``Fill``), the count of part buffers held
-(``BufferGauge``) and the UploadPart call itself."""
+(``BufferGauge``, this store's share of the app's ``MemoryBudget``) and the
+UploadPart call itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from app.core.budget import MemoryBudget
 from app.core.digests import crc32c_b64
+from app.errors import Overloaded
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES
 from app.stores.s3.records import Layout, Part, Record, Segment
@@ -85,6 +88,7 @@ class WriteState:
     committed_part: int
     semaphore: asyncio.Semaphore
     gauge: BufferGauge
+    budget: MemoryBudget
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
@@ -93,6 +97,9 @@ class WriteState:
     #: Part number -> the part as it landed (ETag, its CRC32C), for the record.
     landed: dict[int, Part] = field(default_factory=dict)
     failure: BaseException | None = None
+    #: Set when the budget had no buffer for this write in time: the write
+    #: keeps what it read and then ends with it.
+    overloaded: Overloaded | None = None
     buffered: int = 0
     #: Whether the record was read from the bucket for this write; if not, it
     #: is read before the first part upload.
@@ -107,11 +114,21 @@ class WriteState:
         if self.failure is None:
             self.failure = exc
 
+    async def reserve(self, size: int) -> None:
+        """Take a buffer of ``size`` from the budget, waiting for it
+        (``Overloaded`` when it does not come in time)."""
+        await self.budget.acquire(size)
+        self.gauge.hold(size)
+        self.buffered += size
+
     def hold(self, size: int) -> None:
+        """Count a buffer for bytes already in memory, without waiting."""
+        self.budget.hold(size)
         self.gauge.hold(size)
         self.buffered += size
 
     def release(self, size: int) -> None:
+        self.budget.release(size)
         self.gauge.release(size)
         self.buffered -= size
 

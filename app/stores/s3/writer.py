@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import replace
 
+from app.core.budget import MemoryBudget
 from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
-from app.errors import OffsetMismatch, TooLarge, TotalMismatch, UploadError
+from app.errors import OffsetMismatch, Overloaded, TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
@@ -65,12 +66,13 @@ class Writer:
     """Appends a stream of bytes to an upload (``Store.write`` minus its checks)."""
 
     def __init__(self, client: S3Client, layout: Layout, records: Records, staged: StagedData,
-                 gauge: BufferGauge, *, parts_in_flight: int) -> None:
+                 gauge: BufferGauge, *, budget: MemoryBudget, parts_in_flight: int) -> None:
         self._client = client
         self._layout = layout
         self._records = records
         self._staged = staged
         self._gauge = gauge
+        self._budget = budget
         self._parts_in_flight = parts_in_flight
 
     async def write(self, record: Record, etag: str, total: int | None,
@@ -82,6 +84,7 @@ class Writer:
             record=record, etag=etag, total=total, prefix=record.staged,
             first_part=first_part, committed_part=first_part - 1,
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
+            budget=self._budget,
             fresh=fresh, start_crc=record.crc32c,
         )
         try:
@@ -142,8 +145,9 @@ class Writer:
     async def _read_body(
         self, state: WriteState, fill: Fill, stream: AsyncIterator[bytes]
     ) -> tuple[UploadError | None, BaseException | None]:
-        """Read chunks into parts until the stream ends, overflows or a part
-        fails; (overflow, stream error) tell why it stopped."""
+        """Read chunks into parts until the stream ends, overflows, a part
+        fails or no buffer came in time; (overflow or ``Overloaded``, stream
+        error) tell why it stopped."""
         while state.failure is None:
             try:
                 chunk = await anext(stream)
@@ -163,6 +167,8 @@ class Writer:
                 overflow = self._overflow(state, fill)
             if not await self._take(state, fill, data) or overflow is not None:
                 return overflow, None
+            if state.overloaded is not None:
+                return state.overloaded, None
         return None, None
 
     @staticmethod
@@ -183,8 +189,7 @@ class Writer:
         i = 0
         while i < len(data):
             if fill.buf is None:
-                fill.buf = bytearray(fill.length)
-                state.hold(fill.length)
+                fill.buf = await self._part_buffer(state, fill, len(data) - i)
             n = min(len(data) - i, fill.length - fill.pos)
             # Only a chunk that straddles a part boundary is sliced (copied).
             piece = data if n == len(data) else data[i : i + n]
@@ -200,6 +205,22 @@ class Writer:
                     return False
                 fill.next_part()
         return True
+
+    @staticmethod
+    async def _part_buffer(state: WriteState, fill: Fill, in_hand: int) -> bytearray:
+        """A buffer for the part to fill, from the budget: waiting for it
+        stops this write reading its client. If none came in time, one just
+        big enough for the ``in_hand`` bytes already read (they are in memory
+        anyway), so that they are staged, not lost, before the write ends."""
+        if state.overloaded is None:
+            try:
+                await state.reserve(fill.length)
+                return bytearray(fill.length)
+            except Overloaded as exc:
+                state.overloaded = exc
+        size = min(in_hand, fill.length)
+        state.hold(size)
+        return bytearray(size)
 
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
