@@ -41,10 +41,12 @@ __all__ = ["build_app", "completion_payload", "dialects_for"]
 
 log = logging.getLogger("app.server")
 
-#: aiohttp's body buffer per request (its default is 256 KiB): reading stops
-#: once twice this is buffered and unread, so a request waiting for the memory
-#: budget holds at most about 2 x this plus one socket read (``body.py``).
-READ_BUFFER = 64 * 1024
+#: aiohttp's body buffer per request (its default is 256 KiB): it stops reading
+#: the socket once twice this is buffered and unread. A request waiting for the
+#: memory budget then holds that, one socket read past it (asyncio reads up to
+#: 256 KiB at a time) and the chunk it read last; docs/performance.md has the
+#: measured cost per connection. Smaller buffers only pause reading more often.
+READ_BUFFER = 16 * 1024
 
 StoreOpener = Callable[[StorageConfig, MemoryBudget], Awaitable[Store]]
 
