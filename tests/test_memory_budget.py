@@ -25,9 +25,11 @@ from app.http.dialects.gcs import GcsDialect
 from app.http.dialects.ietf import IetfDialect
 from app.http.dialects.ours import OurDialect
 from app.http.dialects.tus import TusDialect
+from tests import test_tus as tus
 from tests.http_support import ProxyFactory, unread_by_server, unsent_bytes
 from tests.stores.fixtures import storage_config
 from tests.test_http import crc_b64, probe, put_range
+from tests.test_ops_http import scrape, value
 
 MIB = 1024 * 1024
 PART = 5 * MIB
@@ -145,6 +147,13 @@ async def test_a_request_without_memory_stops_reading_and_goes_on_once_it_frees(
         assert budget.waiting == 1
         assert waiting.read_by_server() <= READ_BOUND
         assert budget.held <= budget.limit
+        async with http.get(f"{proxy.url}/metrics") as resp:
+            samples = scrape(await resp.text())
+        assert value(samples, "memory_budget_bytes") == PART + MIB
+        assert value(samples, "memory_waiting_requests") == 1
+        assert value(samples, "memory_held_bytes") == budget.held
+        assert value(samples, "memory_held_peak_bytes") >= PART
+        assert value(samples, "memory_waits_timed_out_total") == 0
         # Memory frees (the holder's part fills and goes to S3): the waiting
         # upload gets it and both finish.
         holder.go.set()
@@ -225,6 +234,31 @@ async def test_fifty_uploads_at_once_through_a_budget_of_three_parts(
         assert stored(s3_client, bucket, name) == data, name
     assert budget.peak <= budget.limit
     assert (budget.held, budget.waiting, budget.timeouts) == (0, 0, 0)
+
+
+async def test_a_body_held_for_its_checksum_takes_its_memory_before_it_is_read(
+        proxies, http, s3_client, bucket) -> None:
+    # The wait is what is tested: a short one.
+    proxy = await proxies.start(storage={"budget_wait": 0.5})
+    budget: MemoryBudget = proxy.app[keys.BUDGET]
+    data = os.urandom(MIB)
+    url = await tus.create(http, proxy, len(data), **{"Upload-Metadata": tus.meta(name="c.bin")})
+    checksum = {"Upload-Checksum": f"crc32c {crc_b64(data)}"}
+    holder = Holder(http, f"{proxy.url}/upload/holder.bin", os.urandom(2 * MIB))
+    await until(lambda: budget.held >= 2 * MIB, "the holder took its buffer")
+    # 2 MiB held, 1 MiB for the body and a part's room left free: no fit.
+    resp = await tus.patch(http, url, data, 0, **checksum)
+    assert resp.status == 503
+    assert int(resp.headers["Retry-After"]) > 0
+    assert resp.headers["Tus-Resumable"] == "1.0.0"
+    assert (await tus.head(http, url)).headers["Upload-Offset"] == "0"
+    holder.go.set()
+    assert await holder.task == 200
+    resp = await tus.patch(http, url, data, 0, **checksum)
+    assert resp.status == 204
+    assert resp.headers["Upload-Offset"] == str(len(data))
+    assert stored(s3_client, bucket, "tus/c.bin") == data
+    assert (budget.held, budget.waiting) == (0, 0)
 
 
 @pytest.mark.parametrize("dialect", [OurDialect(), TusDialect(Config().tus),
