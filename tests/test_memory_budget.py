@@ -201,6 +201,33 @@ async def test_a_request_that_waited_too_long_gets_503_and_keeps_what_it_read(
     assert (budget.held, budget.waiting) == (0, 0)
 
 
+async def test_a_request_waiting_for_memory_lets_a_new_one_take_over_at_once(
+        proxies, http, s3_client, bucket) -> None:
+    # Without the stop the takeover would wait takeover_timeout, then 503.
+    proxy = await proxies.start(storage={"takeover_timeout": 5, "budget_wait": 60})
+    budget: MemoryBudget = proxy.app[keys.BUDGET]
+    holder = Holder(http, f"{proxy.url}/upload/holder.bin", os.urandom(PART + MIB))
+    await until(lambda: budget.held >= PART, "the holder took its part buffer")
+    waiting = RawUpload(proxy.port, "taken.bin", os.urandom(2 * PART))
+    try:
+        await until(lambda: budget.waiting == 1, "the upload waits for memory")
+        url = f"{proxy.url}/upload/taken.bin"
+        resp = await probe(http, url, str(len(waiting.data)))
+        assert resp.status == 308, resp.headers
+        assert proxy.app[keys.WRITERS].takeovers == 1
+        kept = int(resp.headers["Range"].rsplit("-", 1)[1]) + 1
+        assert 0 < kept <= READ_BOUND
+        assert (budget.waiting, budget.timeouts) == (0, 0)
+    finally:
+        waiting.close()
+    holder.go.set()
+    assert await holder.task == 200
+    resp = await put_range(http, url, waiting.data[kept:], kept, len(waiting.data))
+    assert resp.status == 200
+    assert stored(s3_client, bucket, "taken.bin") == waiting.data
+    assert budget.held == 0
+
+
 async def _object_doc(http: aiohttp.ClientSession, url: str) -> str:
     async with http.put(url, headers={"Content-Range": "bytes */*"}) as resp:
         assert resp.status == 200

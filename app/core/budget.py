@@ -21,9 +21,10 @@ Two kinds of holders keep waits from turning into a deadlock:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.errors import Overloaded
 
@@ -32,6 +33,7 @@ from app.errors import Overloaded
 class _Waiter:
     size: int
     leave: int
+    task: asyncio.Task[Any] | None
     granted: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -48,6 +50,8 @@ class MemoryBudget:
         #: Waits that ended in ``Overloaded``, since the budget was made.
         self.timeouts = 0
         self._waiters: list[_Waiter] = []
+        #: Tasks whose requests were asked to stop: they wait for nothing more.
+        self._stopping: set[asyncio.Task[Any]] = set()
 
     @property
     def waiting(self) -> int:
@@ -67,7 +71,10 @@ class MemoryBudget:
         while ``leave`` bytes stay free after the grant (see the module)."""
         if size <= 0:
             return
-        waiter = _Waiter(size, leave)
+        task = asyncio.current_task()
+        if task in self._stopping:
+            raise self._stopped()
+        waiter = _Waiter(size, leave, task)
         self._waiters.append(waiter)
         self._grant()
         if waiter.granted.done():
@@ -76,7 +83,10 @@ class MemoryBudget:
             async with asyncio.timeout(self.wait):
                 await asyncio.shield(waiter.granted)
         except TimeoutError:
-            if not waiter.granted.done():
+            if waiter.granted.done():
+                if waiter.granted.exception() is not None:
+                    raise waiter.granted.exception() from None
+            else:
                 self._forget(waiter)
                 self.timeouts += 1
                 raise Overloaded(
@@ -84,13 +94,48 @@ class MemoryBudget:
                     "(storage.memory_budget is in use by other uploads); what arrived "
                     "was kept: probe the offset and resume"
                 ) from None
+        except Overloaded:
+            raise  # stopped: the waiter is gone already
         except BaseException:
             # Cancelled while waiting, or right after the grant: nothing is kept.
-            if waiter.granted.done():
+            if waiter.granted.done() and waiter.granted.exception() is None:
                 self.release(size)
             else:
                 self._forget(waiter)
             raise
+
+    @asynccontextmanager
+    async def stoppable(self, on_stop: Callable[[Callable[[], None]], None]
+                        ) -> AsyncIterator[None]:
+        """For the block, the current task's waits can be stopped: ``on_stop``
+        is given a function that ends them, the one under way and any later
+        one, with ``Overloaded``. For a request asked to stop (a takeover,
+        shutdown) while it waits for memory, which it would not notice
+        otherwise: it is reading nothing."""
+        task = asyncio.current_task()
+        assert task is not None
+        active = True
+
+        def stop() -> None:
+            if not active:
+                return  # the request is past its block: a keep-alive
+            self._stopping.add(task)  # connection's next one is not stopped
+            for waiter in [w for w in self._waiters if w.task is task]:
+                self._waiters.remove(waiter)
+                waiter.granted.set_exception(self._stopped())
+            self._grant()
+
+        on_stop(stop)
+        try:
+            yield
+        finally:
+            active = False
+            self._stopping.discard(task)
+
+    @staticmethod
+    def _stopped() -> Overloaded:
+        return Overloaded("the request was asked to stop while it waited for memory; "
+                          "what arrived was kept")
 
     def hold(self, size: int) -> None:
         """Count ``size`` bytes that are in memory already, without waiting
@@ -129,7 +174,8 @@ class MemoryBudget:
         self.peak = max(self.peak, self.held)
 
     def _forget(self, waiter: _Waiter) -> None:
-        self._waiters.remove(waiter)
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
         waiter.granted.cancel()
         # A waiter that left may have held up smaller ones behind it.
         self._grant()

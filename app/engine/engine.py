@@ -393,7 +393,11 @@ class UploadEngine:
             md5 = hashlib.md5()
         flow = Flow(md5=md5)
         start = info.offset
-        async with asyncio.timeout(None) as deadline, self._budget.reserved(
+        # A request asked to stop while it waits for memory (a takeover,
+        # shutdown) ends its wait at once, keeping what it read.
+        async with asyncio.timeout(None) as deadline, self._budget.stoppable(
+            lease.on_stop
+        ), self._budget.reserved(
             self._held_size(check, length), leave=self._config.part_size
         ) as memory:
             chunks = chunks_of(

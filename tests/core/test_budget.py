@@ -119,3 +119,30 @@ async def test_a_reservation_gives_back_early_and_the_rest_at_its_end() -> None:
         async with budget.reserved(6):
             raise RuntimeError("the block failed")
     assert budget.held == 0
+
+
+async def test_a_stopped_request_ends_its_wait_now_and_waits_for_nothing_more() -> None:
+    budget = MemoryBudget(10, wait=LONG)
+    await budget.acquire(10)
+    stops = []
+
+    async def request() -> None:
+        async with budget.stoppable(stops.append):
+            with pytest.raises(Overloaded, match="asked to stop"):
+                await budget.acquire(5)
+            # Asked to stop: a later wait ends at once too.
+            with pytest.raises(Overloaded):
+                await budget.acquire(1)
+        # Past the block (the connection's next request) nothing is stopped.
+        budget.release(10)
+        await budget.acquire(1)
+
+    task = asyncio.create_task(request())
+    while not budget.waiting:
+        await asyncio.sleep(0)
+    stops[0]()
+    await task
+    assert (budget.held, budget.waiting, budget.timeouts) == (1, 0, 0)
+    stops[0]()  # a stop that comes late changes nothing
+    await budget.acquire(1)
+    assert budget.held == 2
