@@ -229,6 +229,32 @@ async def test_a_request_waiting_for_memory_lets_a_new_one_take_over_at_once(
     assert budget.held == 0
 
 
+async def test_shutdown_ends_a_wait_for_memory_and_keeps_what_was_read(
+        proxies, http, s3_client, bucket) -> None:
+    proxy = await proxies.start(storage={"budget_wait": 60})
+    budget: MemoryBudget = proxy.app[keys.BUDGET]
+    # The test holds the whole budget (as uploads stuck in S3 calls would):
+    # shutting down frees none of it.
+    await budget.acquire(budget.limit)
+    waiting = RawUpload(proxy.port, "shut.bin", os.urandom(2 * PART))
+    try:
+        await until(lambda: budget.waiting == 1, "the upload waits for memory")
+        await proxy.stop()
+    finally:
+        waiting.close()
+    # Without the stop the wait would outlast the shutdown and be cancelled,
+    # losing the chunk the request had read.
+    again = await proxies.start()
+    resp = await probe(http, f"{again.url}/upload/shut.bin", str(len(waiting.data)))
+    assert resp.status == 308
+    kept = int(resp.headers["Range"].rsplit("-", 1)[1]) + 1
+    assert 0 < kept <= READ_BOUND
+    resp = await put_range(http, f"{again.url}/upload/shut.bin", waiting.data[kept:], kept,
+                           len(waiting.data))
+    assert resp.status == 200
+    assert stored(s3_client, bucket, "shut.bin") == waiting.data
+
+
 async def _object_doc(http: aiohttp.ClientSession, url: str) -> str:
     async with http.put(url, headers={"Content-Range": "bytes */*"}) as resp:
         assert resp.status == 200
