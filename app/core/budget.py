@@ -47,7 +47,7 @@ class MemoryBudget:
         self.wait = wait
         self.held = 0
         self.peak = 0
-        #: Waits that ended in ``Overloaded``, since the budget was made.
+        #: Waits that ran out of time (``Overloaded``), since the budget was made.
         self.timeouts = 0
         self._waiters: list[_Waiter] = []
         #: Tasks whose requests were asked to stop: they wait for nothing more.
