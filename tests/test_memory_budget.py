@@ -176,8 +176,9 @@ async def test_a_request_that_waited_too_long_gets_503_and_keeps_what_it_read(
     budget: MemoryBudget = proxy.app[keys.BUDGET]
     url = f"{proxy.url}/upload/late.bin"
     data = os.urandom(2 * PART + 77)
-    first = PART
-    # A first part, so that the request that waits has a part buffer to ask for.
+    first = PART + 100 * 1024 + 7
+    # A first part and some bytes staged past it: the request that waits asks
+    # for the buffer of a part whose start is staged already.
     resp = await put_range(http, url, data[:first], 0, len(data))
     assert resp.status == 308
     holder = Holder(http, f"{proxy.url}/upload/holder.bin", os.urandom(2 * MIB))

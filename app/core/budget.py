@@ -72,13 +72,16 @@ class MemoryBudget:
         if size <= 0:
             return
         task = asyncio.current_task()
-        if task in self._stopping:
-            raise self._stopped()
         waiter = _Waiter(size, leave, task)
         self._waiters.append(waiter)
         self._grant()
         if waiter.granted.done():
             return
+        if task in self._stopping:
+            # Asked to stop: memory that is free is still taken (what it lets
+            # the request keep is worth it), but it waits for none.
+            self._forget(waiter)
+            raise self._stopped()
         try:
             async with asyncio.timeout(self.wait):
                 await asyncio.shield(waiter.granted)
@@ -109,9 +112,9 @@ class MemoryBudget:
                         ) -> AsyncIterator[None]:
         """For the block, the current task's waits can be stopped: ``on_stop``
         is given a function that ends them, the one under way and any later
-        one, with ``Overloaded``. For a request asked to stop (a takeover,
-        shutdown) while it waits for memory, which it would not notice
-        otherwise: it is reading nothing."""
+        one (memory free at once is still granted), with ``Overloaded``. For
+        a request asked to stop (a takeover, shutdown) while it waits for
+        memory, which it would not notice otherwise: it is reading nothing."""
         task = asyncio.current_task()
         assert task is not None
         active = True

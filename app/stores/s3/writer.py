@@ -218,7 +218,9 @@ class Writer:
                 return bytearray(fill.length)
             except Overloaded as exc:
                 state.overloaded = exc
-        size = min(in_hand, fill.length)
+        # The buffer is indexed from the part's start: the first part of a
+        # write begins past the staged bytes of its prefix (``fill.pos``).
+        size = fill.pos + min(in_hand, fill.length - fill.pos)
         state.hold(size)
         return bytearray(size)
 
