@@ -1,6 +1,7 @@
 """Part bookkeeping shared by the write path and completion: what one write
 in progress holds (``WriteState``, ``Fill``), the count of part buffers held
-(``BufferGauge``) and the UploadPart call itself."""
+(``BufferGauge``, this store's share of the app's ``MemoryBudget``) and the
+UploadPart call itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from app.core.budget import MemoryBudget
 from app.core.digests import crc32c_b64, crc32c_combine
+from app.errors import Overloaded
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import NO_UPLOAD_CODES
 from app.stores.s3.records import Layout, Part, Record, Segment
@@ -148,6 +151,7 @@ class WriteState:
     committed_part: int
     semaphore: asyncio.Semaphore
     gauge: BufferGauge
+    budget: MemoryBudget
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
@@ -156,6 +160,9 @@ class WriteState:
     #: Part number -> the part as it landed (ETag, its CRC32C), for the record.
     landed: dict[int, Part] = field(default_factory=dict)
     failure: BaseException | None = None
+    #: Set when the budget had no buffer for this write in time: the write
+    #: keeps what it read and then ends with it.
+    overloaded: Overloaded | None = None
     buffered: int = 0
     #: Whether the record was read from the bucket for this write; if not, it
     #: is read before the first part upload.
@@ -168,11 +175,21 @@ class WriteState:
         if self.failure is None:
             self.failure = exc
 
+    async def reserve(self, size: int) -> None:
+        """Take a buffer of ``size`` from the budget, waiting for it
+        (``Overloaded`` when it does not come in time)."""
+        await self.budget.acquire(size)
+        self.gauge.hold(size)
+        self.buffered += size
+
     def hold(self, size: int) -> None:
+        """Count a buffer for bytes already in memory, without waiting."""
+        self.budget.hold(size)
         self.gauge.hold(size)
         self.buffered += size
 
     def release(self, size: int) -> None:
+        self.budget.release(size)
         self.gauge.release(size)
         self.buffered -= size
 
@@ -205,6 +222,8 @@ class Fill:
     pieces: list[bytes | bytearray] | None = None
     #: CRC32C of the bytes in ``pieces``.
     new_crc: int = 0
+    #: Bytes of the memory budget held for this part.
+    reserved: int = 0
 
     def crc_now(self) -> int:
         """CRC32C of the upload's bytes [0, offset)."""
@@ -220,6 +239,6 @@ class Fill:
         self.start += self.length
         self.length = min(self.size, self.limit - self.start)
         self.pos = self.new_from = self.prefix_len = 0
-        self.part_crc = self.new_crc = 0
+        self.part_crc = self.new_crc = self.reserved = 0
         self.crc = crc
         self.pieces = None

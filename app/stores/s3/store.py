@@ -54,7 +54,8 @@ collaborators that each own one concern:
 * ``writer.Writer``: the write loop, parts in flight, staging of the tail,
   honest cancellation; ``parts.py`` its bookkeeping, the UploadPart call
   (``PartBody``: a part sent as the pieces it arrived in, uncopied) and
-  ``BufferGauge``, the count of part buffers held.
+  ``BufferGauge``, the count of part buffers held (taken from the app's
+  ``MemoryBudget``, which bounds them across every upload).
 * ``completion.Completion``: the MPU (and its staged tail) into the object.
 * ``sweeper.S3OrphanSweeper``: crash leftovers, found and removed (the
   store's ``OrphanSweeper`` capability delegates to it).
@@ -75,6 +76,7 @@ from typing import Any
 
 from app.config import StorageConfig
 from app.core import rules
+from app.core.budget import MemoryBudget
 from app.core.model import CompletedObject, PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
 from app.stores.base import CallObserver, Orphan
@@ -109,26 +111,32 @@ class S3Store:
     ``ReportsCalls``, an ``ObjectReader`` and a ``Concatenation``.
     """
 
-    def __init__(self, config: StorageConfig, client: S3Client) -> None:
+    def __init__(self, config: StorageConfig, client: S3Client,
+                 budget: MemoryBudget | None = None) -> None:
+        """``budget``: the app's memory budget, which part buffers are taken
+        from; without one the store gets its own, as configured."""
         self._config = config
         self._client = client
         self._layout = Layout(config.s3.prefix)
         self._checksums = config.s3.checksum_mode == "when_supported"
         self._instance = uuid.uuid4().hex
         self._gauge = BufferGauge()
+        self.budget = budget if budget is not None else MemoryBudget(
+            config.memory_budget, wait=config.budget_wait)
         self.records = Records(client, self._layout)
         self._staged = StagedData(client, self._layout, checksums=self._checksums,
                                   cache_budget=_CACHE_PARTS * config.part_size)
         self._writer = Writer(client, self._layout, self.records, self._staged, self._gauge,
-                              parts_in_flight=config.parts_in_flight)
-        self._completion = Completion(client, self._layout, self._staged, self._gauge)
+                              budget=self.budget, parts_in_flight=config.parts_in_flight)
+        self._completion = Completion(client, self._layout, self._staged, self._gauge,
+                                      budget=self.budget)
         self.markers = Markers(client, self._layout)
         self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged,
                                        self.markers)
         self._joiner = Joiner(client, self.records, self._layout)
 
     @classmethod
-    async def open(cls, config: StorageConfig) -> S3Store:
+    async def open(cls, config: StorageConfig, budget: MemoryBudget | None = None) -> S3Store:
         client = await S3Client.connect(config)
         if config.s3.create_bucket:
             try:
@@ -136,7 +144,7 @@ class S3Store:
             except BaseException:
                 await client.close()
                 raise
-        return cls(config, client)
+        return cls(config, client, budget)
 
     async def close(self) -> None:
         await self._client.close()

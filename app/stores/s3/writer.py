@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import replace
 
+from app.core.budget import MemoryBudget
 from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
-from app.errors import OffsetMismatch, TooLarge, TotalMismatch, UploadError
+from app.errors import OffsetMismatch, Overloaded, TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
@@ -69,12 +70,13 @@ class Writer:
     """Appends a stream of bytes to an upload (``Store.write`` minus its checks)."""
 
     def __init__(self, client: S3Client, layout: Layout, records: Records, staged: StagedData,
-                 gauge: BufferGauge, *, parts_in_flight: int) -> None:
+                 gauge: BufferGauge, *, budget: MemoryBudget, parts_in_flight: int) -> None:
         self._client = client
         self._layout = layout
         self._records = records
         self._staged = staged
         self._gauge = gauge
+        self._budget = budget
         self._parts_in_flight = parts_in_flight
 
     async def write(self, record: Record, etag: str, total: int | None,
@@ -86,6 +88,7 @@ class Writer:
             record=record, etag=etag, total=total, prefix=record.staged,
             first_part=first_part, committed_part=first_part - 1,
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
+            budget=self._budget,
             fresh=fresh,
         )
         try:
@@ -146,8 +149,9 @@ class Writer:
     async def _read_body(
         self, state: WriteState, fill: Fill, stream: AsyncIterator[bytes]
     ) -> tuple[UploadError | None, BaseException | None]:
-        """Read chunks into parts until the stream ends, overflows or a part
-        fails; (overflow, stream error) tell why it stopped."""
+        """Read chunks into parts until the stream ends, overflows, a part
+        fails or no buffer came in time; (overflow or ``Overloaded``, stream
+        error) tell why it stopped."""
         while state.failure is None:
             try:
                 chunk = await anext(stream)
@@ -167,6 +171,8 @@ class Writer:
                 overflow = self._overflow(state, fill)
             if not await self._take(state, fill, data) or overflow is not None:
                 return overflow, None
+            if state.overloaded is not None:
+                return state.overloaded, None
         return None, None
 
     @staticmethod
@@ -187,7 +193,7 @@ class Writer:
         while i < len(data):
             if fill.pieces is None:
                 fill.pieces = []
-                state.hold(fill.length)
+                await self._reserve_part(state, fill, len(data) - i)
             n = min(len(data) - i, fill.length - fill.pos)
             # Only a chunk that straddles a part boundary is sliced (copied).
             piece = data if n == len(data) else data[i : i + n]
@@ -207,6 +213,22 @@ class Writer:
                     return False
                 fill.next_part(state.boundaries[fill.number][1])
         return True
+
+    @staticmethod
+    async def _reserve_part(state: WriteState, fill: Fill, in_hand: int) -> None:
+        """Budget for the part about to fill: waiting for it stops this write
+        reading its client. If none came in time, only the ``in_hand`` bytes
+        already read are counted (they are in memory anyway), so that they
+        are staged, not lost, before the write ends."""
+        if state.overloaded is None:
+            try:
+                await state.reserve(fill.length)
+                fill.reserved = fill.length
+                return
+            except Overloaded as exc:
+                state.overloaded = exc
+        fill.reserved = min(in_hand, fill.length - fill.pos)
+        state.hold(fill.reserved)
 
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
@@ -230,7 +252,7 @@ class Writer:
         state.boundaries[fill.number] = (fill.offset, fill.crc_now())
         part_crc = fill.part_crc_now() if state.record.checksum_algorithm else 0
         task = asyncio.create_task(
-            self._part_task(state, fill.number, fill.pieces, fill.length, fill.prefix_len,
+            self._part_task(state, fill.number, fill.pieces, fill.reserved, fill.prefix_len,
                             part_crc)
         )
         state.tasks.add(task)
@@ -297,7 +319,7 @@ class Writer:
             small_writes += self._trim_to_granules(state, fill)
         if fill.pieces is not None and fill.pos > fill.new_from:
             data, start = self._remainder(fill)
-            state.release(fill.length)
+            state.release(fill.reserved)
             fill.pieces = None
             segment = self._staged.new_segment(data, start, crc32c=fill.new_crc)
             state.staging.append(segment)
