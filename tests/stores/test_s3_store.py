@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import itertools
+import json
 import os
 import random
 import tempfile
