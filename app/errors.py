@@ -27,7 +27,8 @@ ever sees them::
     └── Unavailable (503, Retry-After)
         ├── StorageUnavailable    store backend down or failing
         ├── AuthUnavailable       auth webhook down, slow or answering garbage
-        └── WriterBusy            the previous writer did not let go in time
+        ├── WriterBusy            the previous writer did not let go in time
+        └── Overloaded            no memory for the request within storage.budget_wait
 """
 
 from __future__ import annotations
@@ -179,3 +180,11 @@ class AuthUnavailable(Unavailable):
 class WriterBusy(Unavailable):
     code = "writer_busy"
     retry_after = 2
+
+
+class Overloaded(Unavailable):
+    """The memory budget (``storage.memory_budget``) stayed in use by other
+    requests for longer than ``storage.budget_wait``. What the request had
+    delivered before is kept: the client probes and resumes."""
+
+    code = "overloaded"

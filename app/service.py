@@ -13,6 +13,7 @@ from aiohttp import web
 
 from app.auth.webhook import Authorizer
 from app.config import Config
+from app.core.budget import MemoryBudget
 from app.http.app import build_app
 from app.stores.base import Store
 from app.stores.registry import open_store
@@ -25,9 +26,10 @@ def create_app(
     authorizer: Authorizer | None = None,
     readiness_ttl: float | None = None,
     clock: Callable[[], float] = time.time,
+    budget: MemoryBudget | None = None,
 ) -> web.Application:
     """The service for ``config``; see ``app.http.app.build_app`` for the options."""
     return build_app(
         config, open_store=open_store, store=store, authorizer=authorizer,
-        readiness_ttl=readiness_ttl, clock=clock,
+        readiness_ttl=readiness_ttl, clock=clock, budget=budget,
     )

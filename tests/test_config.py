@@ -52,6 +52,8 @@ def test_environment_overrides_nested_keys() -> None:
         ({"APP__STORAGE__BACKEND": "ftp"}, "storage.backend: 'ftp' is not one of"),
         ({"APP__STORAGE__PART_SIZE": "6 parsecs"}, "storage.part_size:"),
         ({"APP__STORAGE__PART_SIZE": "1MiB"}, "storage.part_size: S3 needs parts"),
+        ({"APP__STORAGE__PART_SIZE": "100MiB"}, "storage.max_part_size: must be between"),
+        ({"APP__STORAGE__MAX_PART_SIZE": "6GiB"}, "storage.max_part_size: must be between"),
         ({"APP__STORAGE__BUKET": "x"}, "storage.buket: unknown key"),
         ({"APP__SERVER__PORT": "http"}, "server.port: expected an integer"),
         ({"PORT": "70000"}, "server.port: 70000 is not a TCP port"),
@@ -116,3 +118,45 @@ def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
         "configuration error: storage.s3.bucket: required when storage.backend is s3 "
         "(set it in the YAML or as APP__STORAGE__S3__BUCKET)"
     ]
+
+
+def test_the_memory_budget_defaults_and_overrides() -> None:
+    config = load_config(ROOT / "config" / "app.yaml", environ={})
+    assert config.storage.memory_budget == 256 * 1024 * 1024
+    assert config.storage.budget_wait == 30
+    config = load_config(ROOT / "config" / "app.yaml", environ={
+        "APP__STORAGE__MEMORY_BUDGET": "1GiB", "APP__STORAGE__BUDGET_WAIT": "2m"})
+    assert config.storage.memory_budget == 1024**3
+    assert config.storage.budget_wait == 120
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        # Less than one part: no upload could ever fill one.
+        ({"APP__STORAGE__MEMORY_BUDGET": "5MiB"},
+         "storage.memory_budget: 5MiB is less than one part (storage.part_size 6MiB)"),
+        ({"APP__STORAGE__MEMORY_BUDGET": "40MiB", "APP__STORAGE__PART_SIZE": "64MiB",
+          "APP__STORAGE__CHECKSUM_BUFFER": "1MiB"},
+         "raise it to at least 64MiB"),
+        # A body held for its checksum and the part it is written through.
+        ({"APP__STORAGE__MEMORY_BUDGET": "32MiB"},
+         "storage.checksum_buffer: 64MiB plus one part (6MiB) must fit in "
+         "storage.memory_budget (32MiB)"),
+        ({"APP__STORAGE__BUDGET_WAIT": "0s"}, "storage.budget_wait: must be positive"),
+        ({"APP__STORAGE__MEMORY_BUDGET": "lots"}, "storage.memory_budget: 'lots' is not a size"),
+    ],
+)
+def test_a_memory_budget_that_cannot_work_is_refused_at_start_up(environ, message) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(ROOT / "config" / "app.yaml", environ=environ)
+    assert message in str(caught.value)
+
+
+def test_a_budget_of_one_part_plus_the_checksum_buffer_is_enough() -> None:
+    config = load_config(ROOT / "config" / "app.yaml", environ={
+        "APP__STORAGE__MEMORY_BUDGET": "7MiB", "APP__STORAGE__CHECKSUM_BUFFER": "1MiB"})
+    assert config.storage.memory_budget == 7 * 1024 * 1024
+    with pytest.raises(ConfigError, match="checksum_buffer"):
+        load_config(ROOT / "config" / "app.yaml", environ={
+            "APP__STORAGE__MEMORY_BUDGET": "7MiB", "APP__STORAGE__CHECKSUM_BUFFER": "2MiB"})

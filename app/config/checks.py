@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from app.config.model import Config, ConfigError
+from app.config.model import Config, ConfigError, StorageConfig
 
 
 def validate(config: Config) -> None:
@@ -16,13 +16,21 @@ def validate(config: Config) -> None:
         raise ConfigError("server.public_url: must be an absolute http(s) URL, e.g. https://up.example.com")
     if s.part_size < 5 * 1024 * 1024 or s.part_size > 5 * 1024**3:
         raise ConfigError("storage.part_size: S3 needs parts between 5MiB and 5GiB")
+    if s.max_part_size < s.part_size or s.max_part_size > 5 * 1024**3:
+        raise ConfigError(
+            f"storage.max_part_size: must be between storage.part_size ({s.part_size} bytes) "
+            f"and S3's 5GiB, got {s.max_part_size} bytes; it caps the part size an upload "
+            "settles on to match its client's chunks, and each write may hold "
+            "storage.parts_in_flight + 1 parts of it in memory"
+        )
     if s.max_upload_size is not None and s.max_upload_size <= 0:
         raise ConfigError("storage.max_upload_size: must be positive (or unset for no limit)")
     if s.checksum_buffer < 1024 * 1024:
         raise ConfigError("storage.checksum_buffer: must be at least 1MiB")
     if s.parts_in_flight < 1:
         raise ConfigError("storage.parts_in_flight: must be at least 1")
-    for name in ("upload_ttl", "takeover_timeout", "persist_timeout"):
+    _validate_budget(s)
+    for name in ("upload_ttl", "takeover_timeout", "persist_timeout", "budget_wait"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"storage.{name}: must be positive")
     if s.lease_ttl < 1:
@@ -59,6 +67,30 @@ def validate(config: Config) -> None:
         if value < 1:
             raise ConfigError(f"{name}: must be at least 1")
     _validate_dialects(config)
+
+
+def _validate_budget(s: StorageConfig) -> None:
+    part, budget = _size(s.part_size), _size(s.memory_budget)
+    if s.memory_budget < s.part_size:
+        raise ConfigError(
+            f"storage.memory_budget: {budget} is less than one part (storage.part_size "
+            f"{part}), so no upload could ever fill a part; raise it to at least {part} "
+            f"(each S3 upload uses up to parts_in_flight + 1 = {s.parts_in_flight + 1} parts)"
+        )
+    if s.checksum_buffer + s.part_size > s.memory_budget:
+        raise ConfigError(
+            f"storage.checksum_buffer: {_size(s.checksum_buffer)} plus one part ({part}) "
+            f"must fit in storage.memory_budget ({budget}): a body held for its checksum is "
+            "taken from the budget and then written through part buffers; lower "
+            "checksum_buffer or raise memory_budget"
+        )
+
+
+def _size(value: int) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return f"{value} bytes"
 
 
 def _validate_dialects(config: Config) -> None:

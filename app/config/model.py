@@ -110,6 +110,9 @@ class S3Config:
 class StorageConfig:
     backend: Literal["filesystem", "s3", "memory"] = "filesystem"
     part_size: Size = 6 * 1024 * 1024
+    #: Largest part an S3 upload may settle on to match its client's chunks
+    #: (each write holds up to ``parts_in_flight + 1`` part buffers).
+    max_part_size: Size = 64 * 1024 * 1024
     #: Largest object accepted; unset means only the store's own limits apply.
     max_upload_size: Size | None = None
     #: Unfinished uploads idle longer than this answer 404.
@@ -130,6 +133,14 @@ class StorageConfig:
     #: IETF draft's ``Content-Digest``) may cover: it is held in memory until
     #: verified, so none of a corrupt body ever counts.
     checksum_buffer: Size = 64 * 1024 * 1024
+    #: Upload bytes the whole process may hold in memory at once: every part
+    #: buffer (``parts_in_flight + 1`` per S3 write) and every body held for
+    #: its checksum is taken from it. A request finding it used up waits,
+    #: reading nothing more from its client.
+    memory_budget: Size = 256 * 1024 * 1024
+    #: How long a request waits for memory before it is answered 503 with
+    #: ``Retry-After`` (what it delivered before is kept).
+    budget_wait: Duration = 30.0
     filesystem: FilesystemConfig = field(default_factory=FilesystemConfig)
     s3: S3Config = field(default_factory=S3Config)
 

@@ -59,7 +59,8 @@ class UploadInfo:
     offset: int
     #: Declared size of the whole object; None while unknown.
     total: int | None
-    #: Part size P fixed at creation (all parts but the last have this size).
+    #: Part size P (all parts but the last have this size): chosen at
+    #: creation, settled by the first write that stores bytes, fixed after.
     part_size: int
     #: CRC32C of bytes [0, offset).
     crc32c: int

@@ -17,7 +17,8 @@ RESERVED_PREFIX = ".uploads"
 MAX_NAME_BYTES = 1024
 MAX_PARTS = 10_000
 MIB = 1024 * 1024
-#: S3's largest part and largest object.
+#: S3's smallest part (all but the last), its largest part and largest object.
+MIN_PART_SIZE = 5 * MIB
 MAX_PART_SIZE = 5 * 1024 * MIB
 MAX_OBJECT_SIZE = 5 * 1024 * 1024 * MIB
 

@@ -25,8 +25,9 @@ write (``check_write``, ``check_finish``, ``check_cancel``), because another
 process may have moved the upload since the engine looked.
 
 An invariant the rules keep: ``total <= part_size * MAX_PARTS``. A total
-known at creation picks a part size that fits (``choose_part_size``); a total
-settled later must fit the part size fixed at creation.
+known at creation picks a part size that fits (``choose_part_size``); the
+first write may settle another one that still fits (``aligned_part_size``);
+a total settled later must fit the part size fixed by then.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app.core.model import UploadInfo
-from app.core.protocol import MAX_OBJECT_SIZE, MAX_PARTS, choose_part_size
+from app.core.protocol import (
+    MAX_OBJECT_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    choose_part_size,
+)
 from app.errors import (
     BadRequest,
     DigestMismatch,
@@ -280,12 +286,62 @@ def part_size_for_new(total: int | None, default: int) -> int:
     return choose_part_size(total, default)
 
 
+#: Parts settled from a client's chunk size are whole multiples of this: what
+#: Google's resumable protocol asks chunks to be, and the granule the S3
+#: writer keeps staged remainders in.
+PART_GRANULE = 256 * 1024
+
+
+def aligned_part_size(
+    current: int,
+    *,
+    offset: int,
+    length: int | None,
+    total: int | None,
+    ceiling: int | None,
+    largest: int,
+) -> int:
+    """The part size an upload settles on at its first write: one that makes a
+    chunk of that write's ``length`` a whole number of parts, so chunks of
+    that size go straight into parts with nothing staged; ``current`` when
+    none fits.
+
+    Only a write at ``offset`` 0 may change it: once bytes are laid out in
+    parts, every part but the last keeps its size (R2 refuses unequal
+    parts). ``length`` is what the write declares (None: it streams); a write
+    of the whole object (``length >= total``) is one request whatever the
+    part size, so it keeps ``current``, as plain PUTs do. The candidates are
+    ``length / k`` for ``k = 1, 2, ...``, the first at most ``largest`` (it
+    bounds the part buffers a write holds); each must be at least S3's
+    5 MiB, a multiple of ``PART_GRANULE`` and hold in ``MAX_PARTS`` parts the
+    total when it is known, else ``ceiling`` (the configured maximum upload
+    size), else what ``current`` parts hold already: an upload of unknown size
+    never loses room by settling."""
+    if offset != 0 or length is None or length <= 0:
+        return current
+    if total is not None and length >= total:
+        return current
+    if total is not None:
+        needed = total
+    elif ceiling is not None:
+        needed = ceiling
+    else:
+        needed = min(current * MAX_PARTS, MAX_OBJECT_SIZE)
+    for k in range(max(1, -(-length // largest)), length // MIN_PART_SIZE + 1):
+        size, rest = divmod(length, k)
+        if rest or size % PART_GRANULE:
+            continue
+        # Smaller candidates only follow: if this one cannot hold the upload, none can.
+        return size if size * MAX_PARTS >= needed else current
+    return current
+
+
 def check_total_fits(info: UploadInfo, total: int) -> None:
-    """A total settled after creation must fit the part size fixed then."""
+    """A total settled after the first write must fit the part size fixed then."""
     if total > info.part_size * MAX_PARTS:
         raise TooLarge(
             f"{total} bytes need more than {MAX_PARTS} parts of {info.part_size} bytes "
-            "(the part size was fixed when the upload started without a total)"
+            "(the part size is fixed by the upload's first write)"
         )
 
 

@@ -5,7 +5,7 @@ until a per-request checksum verified them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -129,9 +129,16 @@ async def verified(
     return held
 
 
-async def replay(held: list[bytes]) -> AsyncIterator[bytes]:
-    for data in held:
+async def replay(held: list[bytes], let_go: Callable[[int], None]) -> AsyncIterator[bytes]:
+    """The held chunks, each dropped once the store took it and then passed
+    to ``let_go`` (its memory can be counted as free)."""
+    held.reverse()
+    while held:
+        data = held.pop()
+        size = len(data)
         yield data
+        del data
+        let_go(size)
 
 
 async def empty() -> AsyncIterator[bytes]:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from app.config import StorageConfig
 from app.core import rules
+from app.core.budget import MemoryBudget
 from app.core.grant import Grant
 from app.core.protocol import Chunk
 from app.engine.bodies import Body, BodyCheck, Flow, chunks_of, empty, replay, verified
@@ -59,10 +60,15 @@ class UploadEngine:
         on_complete: CompletionHook | None = None,
         on_notice_pending: NoticeHook | None = None,
         clock: Callable[[], float] = time.time,
+        budget: MemoryBudget | None = None,
     ) -> None:
         """With ``on_notice_pending``, uploads are finished with ``notify``: the
-        store records the intent to notify with the completion."""
+        store records the intent to notify with the completion. ``budget``:
+        the app's memory budget, which bodies held for their checksum are
+        taken from (without one the engine gets its own, as configured)."""
         self._store = store
+        self._budget = budget if budget is not None else MemoryBudget(
+            config.memory_budget, wait=config.budget_wait)
         self._config = config
         self._writers = writers
         self._on_start = on_start
@@ -373,6 +379,15 @@ class UploadEngine:
             self._on_start(info)
         return info
 
+    def _held_size(self, check: BodyCheck | None, length: int | None) -> int:
+        """Memory a body with a per-request checksum is held in until verified,
+        taken before any of it is read: a reservation that grew chunk by chunk
+        would wait while holding, and such waits can block one another."""
+        if check is None:
+            return 0
+        limit = self._config.checksum_buffer
+        return limit if length is None else min(length, limit)
+
     async def _stream(
         self,
         info: UploadInfo,
@@ -395,7 +410,13 @@ class UploadEngine:
             md5 = hashlib.md5()
         flow = Flow(md5=md5)
         start = info.offset
-        async with asyncio.timeout(None) as deadline:
+        # A request asked to stop while it waits for memory (a takeover,
+        # shutdown) ends its wait at once, keeping what it read.
+        async with asyncio.timeout(None) as deadline, self._budget.stoppable(
+            lease.on_stop
+        ), self._budget.reserved(
+            self._held_size(check, length), leave=self._config.part_size
+        ) as memory:
             chunks = chunks_of(
                 body, flow, deadline, skip=skip, length=length, room=limit - info.offset,
                 persist_timeout=self._config.persist_timeout,
@@ -406,9 +427,10 @@ class UploadEngine:
                     log.info("upload %r: a checked body stopped early; nothing of it stored",
                              info.object_name)
                     return Outcome(info, interrupted=flow.interrupted)
-                chunks = replay(held)
+                chunks = replay(held, memory.give_back)
             try:
-                info = await self._store.write(info, chunks, total=plan.settle_total)
+                info = await self._store.write(info, chunks, total=plan.settle_total,
+                                               expected_length=plan.length)
             except TimeoutError:
                 raise StorageUnavailable(
                     "storage did not save the received data in time; probe for the offset"

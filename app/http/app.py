@@ -20,6 +20,7 @@ from app.auth.webhook import Authorizer, AuthRequest, make_authorizer
 from app.callbacks.intents import completion_payload, notifier_for
 from app.callbacks.notifier import CompletionNotifier
 from app.config import Config, StorageConfig
+from app.core.budget import MemoryBudget
 from app.core.grant import Grant
 from app.engine.engine import UploadEngine
 from app.engine.writers import WriterRegistry
@@ -40,7 +41,14 @@ __all__ = ["build_app", "completion_payload", "dialects_for"]
 
 log = logging.getLogger("app.server")
 
-StoreOpener = Callable[[StorageConfig], Awaitable[Store]]
+#: aiohttp's body buffer per request (its default is 256 KiB): it stops reading
+#: the socket once twice this is buffered and unread. A request waiting for the
+#: memory budget then holds that, one socket read past it (asyncio reads up to
+#: 256 KiB at a time) and the chunk it read last; docs/performance.md has the
+#: measured cost per connection. Smaller buffers only pause reading more often.
+READ_BUFFER = 16 * 1024
+
+StoreOpener = Callable[[StorageConfig, MemoryBudget], Awaitable[Store]]
 
 
 def dialects_for(config: Config) -> list[Dialect]:
@@ -94,16 +102,20 @@ def build_app(
     authorizer: Authorizer | None = None,
     readiness_ttl: float | None = None,
     clock: Callable[[], float] = time.time,
+    budget: MemoryBudget | None = None,
 ) -> web.Application:
     """Build the app. ``clock`` is the engine's wall clock (upload expiry);
     ``store`` and ``authorizer`` may be injected (tests, embedding);
     an injected store is left open for its owner to close, otherwise
     ``open_store`` opens one at start-up. ``readiness_ttl`` overrides how long a
-    ``/readyz`` answer is reused (0: check every time)."""
+    ``/readyz`` answer is reused (0: check every time). ``budget``: the memory
+    budget the app's requests share (pass the one an injected store was opened
+    with); by default a new one, as ``storage.memory_budget`` says."""
     # CORS inside the error middleware, so its refusals are logged and rendered
     # like any other error, and before every route, so before auth and body.
     app = web.Application(middlewares=[errors_and_access_log, cors_guard],
-                          client_max_size=1024 * 1024)
+                          client_max_size=1024 * 1024,
+                          handler_args={"read_bufsize": READ_BUFFER})
     app[keys.CONFIG] = config
     app[CORS_POLICY] = policy_for(config.cors)
     app.on_response_prepare.append(add_cors_headers)
@@ -113,6 +125,10 @@ def build_app(
     app[keys.METRICS] = metrics
     metrics.track_writers(writers)
     metrics.track_store(lambda: app.get(keys.STORE))
+    if budget is None:
+        budget = MemoryBudget(config.storage.memory_budget, wait=config.storage.budget_wait)
+    app[keys.BUDGET] = budget
+    metrics.track_budget(budget)
     if readiness_ttl is None:
         readiness_ttl = config.server.readiness_cache_ttl
     readiness = Readiness(lambda: app.get(keys.STORE), ttl=readiness_ttl)
@@ -128,7 +144,7 @@ def build_app(
             )
         ) as callbacks_session:
             own_store = store is None
-            active_store = await open_store(config.storage) if store is None else store
+            active_store = await open_store(config.storage, budget) if store is None else store
             try:
                 app[keys.STORE] = active_store
                 metrics.track_calls(active_store)
@@ -161,6 +177,7 @@ def build_app(
                     on_complete=on_complete,
                     clock=clock,
                     on_notice_pending=on_notice_pending if notifier.enabled else None,
+                    budget=budget,
                 )
                 redelivery = (
                     asyncio.create_task(_redeliver(notifier)) if notifier.enabled else None

@@ -7,6 +7,7 @@ from aiohttp import web
 from app.auth.webhook import Authorizer
 from app.callbacks.notifier import CompletionNotifier
 from app.config import Config
+from app.core.budget import MemoryBudget
 from app.engine.engine import UploadEngine
 from app.engine.writers import WriterRegistry
 from app.ops.health import Readiness
@@ -21,6 +22,7 @@ NOTIFIER = web.AppKey("notifier", CompletionNotifier)
 WRITERS = web.AppKey("writers", WriterRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
+BUDGET = web.AppKey("memory_budget", MemoryBudget)
 
 # Filled in by the views for the access log and the metrics middleware.
 #: The upload action ("create", "append", "status", "cancel") or ops endpoint.

@@ -23,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from app.callbacks.notifier import CompletionNotifier
+from app.core.budget import MemoryBudget
 from app.engine.writers import WriterRegistry
 from app.stores.base import ReportsCalls
 
@@ -147,6 +148,28 @@ class Metrics:
             return float(value) if isinstance(value, int | float) else 0.0
 
         self.buffered_bytes.set_function(buffered)
+
+    def track_budget(self, budget: MemoryBudget) -> None:
+        """The app's memory budget: its size, what is held, the peak, the
+        requests waiting for it and the waits that timed out (503)."""
+        r, ns = self.registry, NAMESPACE
+        for name, doc, read in (
+            ("memory_budget_bytes", "The memory budget (storage.memory_budget).",
+             lambda: budget.limit),
+            ("memory_held_bytes", "Bytes of the memory budget held right now.",
+             lambda: budget.held),
+            ("memory_held_peak_bytes", "Most bytes of the memory budget ever held at once.",
+             lambda: budget.peak),
+            ("memory_waiting_requests", "Requests waiting for the memory budget right now.",
+             lambda: budget.waiting),
+        ):
+            gauge = Gauge(name, doc, namespace=ns, registry=r)
+            gauge.set_function(lambda read=read: float(read()))
+        self._function_counters.add(
+            "memory_waits_timed_out",
+            "Requests answered 503 after waiting storage.budget_wait for memory.",
+            lambda: budget.timeouts,
+        )
 
     def track_calls(self, store: object) -> None:
         """Count the backend calls of ``store`` if it ``ReportsCalls``."""

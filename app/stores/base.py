@@ -79,6 +79,7 @@ class Store(Protocol):
         chunks: AsyncIterable[bytes],
         *,
         total: int | None = None,
+        expected_length: int | None = None,
     ) -> UploadInfo:
         """Append the bytes of ``chunks`` at ``info.offset`` and return the new
         durable state.
@@ -88,7 +89,16 @@ class Store(Protocol):
         is written. ``total`` settles an unknown total (``TotalMismatch`` if it
         contradicts the stored total or the stored bytes). The caller never
         sends bytes past the total. Raises ``UploadNotFound`` for a cancelled
-        or completed upload."""
+        or completed upload.
+
+        ``expected_length`` is a hint: the new bytes the request declares
+        (None: it streams until its body ends), known before any is read. A
+        store that lays bytes out in fixed parts may settle its part size
+        from the first write's hint (S3: parts that match the client's chunks,
+        ``rules.aligned_part_size``), and reports the settled size in the
+        returned ``part_size``; the others ignore it. It is never a promise:
+        ``chunks`` may end sooner (an interrupted body) and the store keeps
+        what came, as always."""
         ...
 
     async def finish(

@@ -131,7 +131,9 @@ class MemoryStore:
         chunks: AsyncIterable[bytes],
         *,
         total: int | None = None,
+        expected_length: int | None = None,
     ) -> UploadInfo:
+        # ``expected_length`` is a layout hint; bytes here are not laid out in parts.
         mine = self._stored(info.name)
         settled = rules.check_write(mine, info, total)
         if settled != mine.total:

@@ -7,16 +7,20 @@ Kept apart from the package's ``__init__`` so that importing the contract
 from __future__ import annotations
 
 from app.config import StorageConfig
+from app.core.budget import MemoryBudget
 from app.stores.base import Store
 from app.stores.filesystem.store import FilesystemStore
 from app.stores.memory import MemoryStore
 from app.stores.s3.store import S3Store
 
 
-async def open_store(config: StorageConfig) -> Store:
-    """Open the configured store; the caller closes it with ``await store.close()``."""
+async def open_store(config: StorageConfig, budget: MemoryBudget | None = None) -> Store:
+    """Open the configured store; the caller closes it with ``await store.close()``.
+    ``budget``: the app's memory budget. Only the S3 store takes from it: the
+    filesystem store writes each chunk as it comes, and the memory store
+    keeps every upload in memory by design (tests and demos)."""
     if config.backend == "s3":
-        return await S3Store.open(config)
+        return await S3Store.open(config, budget)
     if config.backend == "memory":
         return await MemoryStore.open(config)
     return await FilesystemStore.open(config)

@@ -355,3 +355,63 @@ def test_part_size_for_new(total: int | None, expected: object) -> None:
             rules.part_size_for_new(total, PART)
     else:
         assert rules.part_size_for_new(total, PART) == expected
+
+
+# -- aligned_part_size ------------------------------------------------------------
+
+GIB = 1024 * MIB
+KIB = 1024
+GRANULE = rules.PART_GRANULE
+LARGEST = 64 * MIB
+
+ALIGNED = [
+    # (offset, length, total, ceiling) -> the part size settled from PART
+    pytest.param(0, 8 * MIB, None, None, 8 * MIB, id="8MiB-chunks-unknown-total"),
+    pytest.param(0, 8 * MIB, 100 * MIB, None, 8 * MIB, id="8MiB-chunks-known-total"),
+    pytest.param(0, 5 * MIB, 40 * GIB, None, 5 * MIB, id="5MiB-smaller-than-configured"),
+    pytest.param(0, LARGEST, None, None, LARGEST, id="at-the-cap"),
+    pytest.param(0, 128 * MIB, None, None, LARGEST, id="over-the-cap-halved"),
+    pytest.param(0, 96 * MIB, None, None, 48 * MIB, id="over-the-cap-halved-again"),
+    pytest.param(0, 75 * MIB, None, None, 75 * MIB // 2, id="over-the-cap-half-mebibytes"),
+    pytest.param(8 * MIB, 8 * MIB, None, None, PART, id="not-the-first-write"),
+    pytest.param(0, None, None, None, PART, id="streamed-no-length"),
+    pytest.param(0, 0, None, None, PART, id="empty"),
+    pytest.param(0, 8 * MIB, 8 * MIB, None, PART, id="whole-object-plain-put"),
+    pytest.param(0, 8 * MIB, 5 * MIB, None, PART, id="longer-than-the-total"),
+    pytest.param(0, 4 * MIB, None, None, PART, id="under-5MiB"),
+    pytest.param(0, 8 * MIB + 1, None, None, PART, id="not-whole-granules"),
+    pytest.param(0, 5 * MIB + 128 * KIB, GIB, None, PART, id="half-granule"),
+    pytest.param(0, 5 * MIB + 256 * KIB, GIB, None, 5 * MIB + 256 * KIB, id="one-more-granule"),
+    pytest.param(0, 8 * MIB, 8 * MIB * MAX_PARTS, None, 8 * MIB, id="total-fills-10000-parts"),
+    pytest.param(0, 8 * MIB, 8 * MIB * MAX_PARTS + 1, None, PART, id="total-needs-10001"),
+    # Unknown total: settling smaller than the configured part must not lower
+    # the room the upload has, which is the configured maximum if there is one.
+    pytest.param(0, 5 * MIB, None, None, PART, id="smaller-unknown-total-no-ceiling"),
+    pytest.param(0, 5 * MIB, None, 5 * MIB * MAX_PARTS, 5 * MIB, id="smaller-ceiling-fits"),
+    pytest.param(0, 5 * MIB, None, 5 * MIB * MAX_PARTS + 1, PART, id="smaller-ceiling-too-big"),
+    pytest.param(0, 8 * MIB, None, 80 * GIB, PART, id="ceiling-over-10000-chunks"),
+    # 335 granules (83.75 MiB): halves and quarters are not whole granules,
+    # fifths (67 granules) are.
+    pytest.param(0, 335 * GRANULE, None, None, 67 * GRANULE, id="first-whole-granule-divisor"),
+    # 257 granules (64.25 MiB, just over the cap): no whole-granule divisor.
+    pytest.param(0, 257 * GRANULE, None, None, PART, id="over-the-cap-prime-granules"),
+]
+
+
+@pytest.mark.parametrize(("offset", "length", "total", "ceiling", "expected"), ALIGNED)
+def test_aligned_part_size(
+    offset: int, length: int | None, total: int | None, ceiling: int | None, expected: int
+) -> None:
+    got = rules.aligned_part_size(PART, offset=offset, length=length, total=total,
+                                  ceiling=ceiling, largest=LARGEST)
+    assert got == expected
+
+
+def test_aligned_part_size_keeps_a_part_size_grown_for_a_large_total() -> None:
+    # 100 GiB picked 11 MiB parts at creation; 8 MiB chunks would need 12,800.
+    grown = rules.part_size_for_new(100 * GIB, PART)
+    assert grown == 11 * MIB
+    assert rules.aligned_part_size(grown, offset=0, length=8 * MIB, total=100 * GIB,
+                                   ceiling=None, largest=LARGEST) == grown
+    assert rules.aligned_part_size(grown, offset=0, length=16 * MIB, total=100 * GIB,
+                                   ceiling=None, largest=LARGEST) == 16 * MIB

@@ -367,3 +367,29 @@ async def test_a_completed_upload_does_not_expire(rig: Rig) -> None:
     done = await rig.chunk(0, len(DATA) - 1, len(DATA))
     rig.clock.now += 10 * TTL
     assert (await rig.engine.status("a.bin", None, ANYONE)).info.completed == done.info.completed
+
+
+# -- the layout hint ------------------------------------------------------------------
+
+
+class HintedStore(MemoryStore):
+    """Records the ``expected_length`` of every write."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hints: list[int | None] = []
+
+    async def write(self, info, chunks, *, total=None, expected_length=None):  # type: ignore[override]
+        self.hints.append(expected_length)
+        return await super().write(info, chunks, total=total, expected_length=expected_length)
+
+
+async def test_the_store_is_told_how_many_new_bytes_a_request_declares() -> None:
+    rig = make_rig(HintedStore)
+    await rig.chunk(0, 999, None)
+    await rig.chunk(500, 1999, None)  # 500 bytes resent: 1,000 new ones declared
+    await rig.engine.put_stream("a.bin", 2000, FakeBody(DATA[2000:]), total=None, grant=ANYONE)
+    await rig.engine.put_whole("b.bin", FakeBody(DATA), content_length=len(DATA),
+                               content_type=None, grant=ANYONE)
+    assert isinstance(rig.store, HintedStore)
+    assert rig.store.hints == [1000, 1000, None, None, len(DATA)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import os
 import random
 import tempfile
@@ -227,9 +228,13 @@ async def test_finish_twice_and_after_a_crash_before_the_record_update(
     assert await store.finish(first) == first
     assert await (await open_s3()).finish(info) == first
 
-    # A crash between CompleteMultipartUpload and the record update: the MPU is
-    # gone, the record still says unfinished. The object's session tag settles it.
-    s3_client.put_object(Bucket=bucket, Key=record_key, Body=unfinished_record)
+    # A crash between CompleteMultipartUpload and the record update, seen once
+    # the crashed writer's lease ran out: the MPU is gone, the record still
+    # says unfinished. The object's session tag settles it.
+    doc = json.loads(unfinished_record)
+    assert doc["lease"] is not None  # the full upload's writer kept it to finish
+    doc["lease"] = None
+    s3_client.put_object(Bucket=bucket, Key=record_key, Body=json.dumps(doc).encode())
     fresh = await open_s3()
     again = await fresh.finish(await fresh.get("twice.bin"))
     assert again.completed is not None and first.completed is not None
@@ -371,13 +376,14 @@ async def test_s3_cut_mid_write_keeps_a_durable_prefix(open_s3, s3_client, bucke
         await cut.write(info, body())
 
     await asyncio.to_thread(relay.start)
-    store = await open_s3()
-    info = await store.get("cut.bin")
+    info = await (await open_s3()).get("cut.bin")
     assert info.offset in (MIB, P, 2 * P, 3 * P)
     assert info.offset >= P  # parts that landed before the cut were recorded
     assert info.crc32c == google_crc32c.value(data[: info.offset])
-    info = await store.write(info, stream(data[info.offset :]))
-    await store.finish(info)
+    # The same instance goes on: the lease it could not release while S3 was
+    # away is still its own (another instance would wait for it to expire).
+    info = await cut.write(info, stream(data[info.offset :]))
+    await cut.finish(info)
     assert read_object(s3_client, bucket, "cut.bin") == data
 
 
@@ -446,8 +452,10 @@ CANCEL_POINTS: dict[str, tuple[tuple[str, str, int] | None, int, bool, int, list
     "waiting for a part slot": (("UploadPart", "", 0), 2 * P - MIB, False, MIB, [0]),
     # Part 1 landed and was recorded; part 2 held, the body over.
     "during a part upload": (("UploadPart", "", 1), 2 * P - MIB, False, P, []),
-    # The record update after part 1, held: it was sent, so it lands.
-    "during a part's record write": (("PutObject", "/sessions/", 0), 2 * P - MIB, False, P, []),
+    # The record update after part 1 (the one after the lease's), held while
+    # the body goes on: it was sent, so it lands, and part 2 after it.
+    "during a part's record write":
+        (("PutObject", "/sessions/", 1), 2 * P - MIB, True, 2 * P, []),
     # The staged tail, held: it lands, but the record never names it.
     "during staging of the tail": (("PutObject", "/staged/", 0), 2 * MIB, False, MIB, [0]),
     # The record update naming the new staged tail, held: it lands.

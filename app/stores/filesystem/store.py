@@ -122,7 +122,9 @@ class FilesystemStore:
         chunks: AsyncIterable[bytes],
         *,
         total: int | None = None,
+        expected_length: int | None = None,
     ) -> UploadInfo:
+        # ``expected_length`` is a layout hint; one file has no parts to match it to.
         check_session_name(self._layout, info.name)
         await fsio.in_thread(check_folders, self._layout)
         return await append.write(self._layout, info, chunks, total)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from app.core.budget import MemoryBudget
 from app.core.digests import crc32c_b64
 from app.errors import BadRequest, StorageUnavailable, UploadError, UploadNotFound
 from app.stores.base import CompletedObject
@@ -76,11 +77,12 @@ class Completion:
     """Turns a record whose ``offset == total`` into the finished object."""
 
     def __init__(self, client: S3Client, layout: Layout, staged: StagedData,
-                 gauge: BufferGauge) -> None:
+                 gauge: BufferGauge, *, budget: MemoryBudget) -> None:
         self._client = client
         self._layout = layout
         self._staged = staged
         self._gauge = gauge
+        self._budget = budget
 
     async def complete(self, record: Record) -> CompletedObject:
         """The object, assembled from exactly the parts the record names.
@@ -203,15 +205,21 @@ class Completion:
 
     async def _upload_staged_tail(self, record: Record) -> Part:
         start = record.staged[0].start
-        buf = bytearray(record.offset - start)
-        self._gauge.hold(len(buf))
+        size = record.offset - start
+        # Waiting for the budget leaves the upload as it was: an Overloaded
+        # completion is retried by the client's next probe.
+        await self._budget.acquire(size)
+        buf = bytearray(size)
+        self._gauge.hold(size)
         try:
             await self._staged.fill(record, record.staged, buf)
             result = await upload_part(self._client, self._layout, record,
-                                       start // record.part_size + 1, buf, record.tail_crc32c)
+                                       start // record.part_size + 1, [buf], record.tail_crc32c)
             return Part(bare_etag(result["ETag"]), record.tail_crc32c, record.crc32c)
         finally:
-            self._gauge.release(len(buf))
+            del buf
+            self._gauge.release(size)
+            self._budget.release(size)
 
     @staticmethod
     def _complete_parts(

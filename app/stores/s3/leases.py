@@ -127,7 +127,7 @@ class Leases:
             del self._writing[name]
             await self._stop_watching(entry)
             if name in self._held:
-                await self._release_quietly(name)
+                await self.release_quietly(name)
 
     async def make_way(self, name: str) -> None:
         """Return once no other instance holds a live lease on ``name``."""
@@ -319,7 +319,7 @@ class Leases:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
 
-    async def _release_quietly(self, name: str) -> None:
+    async def release_quietly(self, name: str) -> None:
         """Release a lease a request still held when it ended (it failed, or
         filled the upload without finishing it)."""
         holding = self._held.get(name)

@@ -83,9 +83,11 @@ class StagedData:
         return self._cache.size
 
     @staticmethod
-    def new_segment(data: bytes, start: int) -> Segment:
-        """A segment for ``data`` at ``start``, with a fresh token."""
-        return Segment(start, len(data), google_crc32c.value(data), uuid.uuid4().hex[:16])
+    def new_segment(data: bytes, start: int, *, crc32c: int | None = None) -> Segment:
+        """A segment for ``data`` at ``start``, with a fresh token; ``crc32c``:
+        the CRC32C of ``data`` when the caller has it already."""
+        crc = google_crc32c.value(data) if crc32c is None else crc32c
+        return Segment(start, len(data), crc, uuid.uuid4().hex[:16])
 
     async def put(self, session_id: str, segment: Segment, data: bytes) -> None:
         """Store ``data`` as the staged object of ``segment``."""
@@ -107,6 +109,10 @@ class StagedData:
             data = await self.read(record, segment)
             at = segment.start - base
             buf[at : at + segment.length] = data
+
+    async def read_all(self, record: Record, segments: tuple[Segment, ...]) -> list[bytes]:
+        """The bytes of ``segments``, in order (the head of the part they start)."""
+        return [await self.read(record, segment) for segment in segments]
 
     async def read(self, record: Record, segment: Segment) -> bytes:
         cached = self._cache.get(record.session_id, segment.leaf)

@@ -9,7 +9,13 @@ Layout under the configured ``prefix``::
     {prefix}.uploads/callbacks/{id}                   pending completion callbacks
 
 Part ``n`` (1-based) holds bytes ``[(n-1)*P, n*P)``; every part but the last is
-exactly ``P``, fixed in the record at creation. Bytes past the last full part
+exactly ``P``, kept in the record. ``P`` is the configured part size (grown
+for a large total) until the first write: a first write at byte 0 that
+declares its length settles ``P`` on that length when S3 takes it as a part
+(``rules.aligned_part_size``, capped by ``storage.max_part_size``), so a client
+sending chunks of that size has each one uploaded as exactly one part with
+nothing staged. Once bytes are stored ``P`` never changes (R2 wants equal
+parts); chunks that do not align are staged as below. Bytes past the last full part
 are *staged*: each write's remainder becomes its own small object keyed by its
 start offset, and when a part fills, the staged segments plus the new bytes are
 uploaded as that part. The key also carries a token unique to the write, and
@@ -46,8 +52,10 @@ collaborators that each own one concern:
   everything lives, conditional record reads and writes, record scans.
 * ``staged.StagedData``: staged tail objects and the cache of them.
 * ``writer.Writer``: the write loop, parts in flight, staging of the tail,
-  honest cancellation; ``parts.py`` its bookkeeping, the UploadPart call and
-  ``BufferGauge``, the count of part buffers held.
+  honest cancellation; ``parts.py`` its bookkeeping, the UploadPart call
+  (``PartBody``: a part sent as the pieces it arrived in, uncopied) and
+  ``BufferGauge``, the count of part buffers held (taken from the app's
+  ``MemoryBudget``, which bounds them across every upload).
 * ``completion.Completion``: the MPU (and its staged tail) into the object.
 * ``sweeper.S3OrphanSweeper``: crash leftovers, found and removed (the
   store's ``OrphanSweeper`` capability delegates to it).
@@ -68,6 +76,7 @@ from typing import Any
 
 from app.config import StorageConfig
 from app.core import rules
+from app.core.budget import MemoryBudget
 from app.core.leases import Timing
 from app.core.model import CompletedObject, PendingCallback, UploadInfo, oldest_first
 from app.errors import BadRequest, InvalidName, OffsetMismatch, UploadError, UploadNotFound
@@ -104,13 +113,18 @@ class S3Store:
     ``ReportsCalls``, an ``ObjectReader`` and a ``Concatenation``.
     """
 
-    def __init__(self, config: StorageConfig, client: S3Client) -> None:
+    def __init__(self, config: StorageConfig, client: S3Client,
+                 budget: MemoryBudget | None = None) -> None:
+        """``budget``: the app's memory budget, which part buffers are taken
+        from; without one the store gets its own, as configured."""
         self._config = config
         self._client = client
         self._layout = Layout(config.s3.prefix)
         self._checksums = config.s3.checksum_mode == "when_supported"
         self._instance = instance_id()
         self._gauge = BufferGauge()
+        self.budget = budget if budget is not None else MemoryBudget(
+            config.memory_budget, wait=config.budget_wait)
         conditional = config.s3.conditional_writes
         self.records = Records(client, self._layout, conditional=conditional)
         self.leases = Leases(client, self._layout, self.records, self._instance,
@@ -119,15 +133,17 @@ class S3Store:
         self._staged = StagedData(client, self._layout, checksums=self._checksums,
                                   cache_budget=_CACHE_PARTS * config.part_size)
         self._writer = Writer(client, self._layout, self.records, self._staged, self._gauge,
-                              self.leases, parts_in_flight=config.parts_in_flight)
-        self._completion = Completion(client, self._layout, self._staged, self._gauge)
+                              self.leases, budget=self.budget,
+                              parts_in_flight=config.parts_in_flight)
+        self._completion = Completion(client, self._layout, self._staged, self._gauge,
+                                      budget=self.budget)
         self.markers = Markers(client, self._layout)
         self.sweeper = S3OrphanSweeper(client, self._layout, self.records, self._staged,
                                        self.markers)
         self._joiner = Joiner(client, self.records, self._layout)
 
     @classmethod
-    async def open(cls, config: StorageConfig) -> S3Store:
+    async def open(cls, config: StorageConfig, budget: MemoryBudget | None = None) -> S3Store:
         client = await S3Client.connect(config)
         try:
             if config.s3.create_bucket:
@@ -141,7 +157,7 @@ class S3Store:
         except BaseException:
             await client.close()
             raise
-        return cls(config, client)
+        return cls(config, client, budget)
 
     async def close(self) -> None:
         await self._client.close()
@@ -267,16 +283,34 @@ class S3Store:
         chunks: AsyncIterable[bytes],
         *,
         total: int | None = None,
+        expected_length: int | None = None,
     ) -> UploadInfo:
         if info.completed is not None:
             raise UploadNotFound(f"the upload {info.name!r} is already complete")
         # The record this process just read (the caller's ``get``) saves a
-        # GET: a write that only stages is checked by its conditional record
-        # write, and one that uploads a part reads the record again first, so a
-        # stale writer is refused before it can overwrite another's part.
+        # GET: every write that follows is conditional over it, and a part
+        # upload starts only under the lease taken that way.
         record, etag = await self._trusted(info)
         settled = rules.check_write(record.to_info(etag), info, total)
-        return await self._writer.write(record, etag, settled, chunks)
+        stored = record
+        record = self._aligned(record, settled, expected_length)
+        done = await self._writer.write(record, etag, settled, chunks)
+        # A write that stored nothing did not record the part size it chose:
+        # the upload is still as it was, and the next first write decides again.
+        return stored.to_info(etag) if done.version == etag else done
+
+    def _aligned(self, record: Record, total: int | None, expected_length: int | None) -> Record:
+        """``record`` with the part size its first write settles on (parts that
+        match the client's chunks, ``rules.aligned_part_size``); the record
+        write that stores the first bytes persists it."""
+        part_size = rules.aligned_part_size(
+            record.part_size, offset=record.offset, length=expected_length, total=total,
+            ceiling=self._config.max_upload_size, largest=self._config.max_part_size,
+        )
+        if part_size == record.part_size:
+            return record
+        log.debug("upload %r: part size %d settled from its first chunk", record.name, part_size)
+        return replace(record, part_size=part_size)
 
     async def _trusted(self, info: UploadInfo) -> tuple[Record, str]:
         """The record ``info`` was read from, from this process's cache when

@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import replace
 
+from app.core.budget import MemoryBudget
 from app.core.digests import crc32c_extend
 from app.core.protocol import MAX_PARTS
-from app.errors import TooLarge, TotalMismatch, UploadError
+from app.errors import Overloaded, TooLarge, TotalMismatch, UploadError
 from app.stores.base import UploadInfo
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import S3Refusal, translate
@@ -53,6 +54,10 @@ GRANULE = 256 * 1024
 MAX_GRANULES = 64
 #: Writes of an upload that stage a remainder shorter than ``GRANULE`` in full.
 SMALL_WRITE_BUDGET = 64
+#: Pieces of a part shorter than this are gathered into one ``bytearray``
+#: rather than kept one by one: a client trickling a byte per read must not
+#: make a part cost an object per byte.
+SMALL_PIECE = 64 * 1024
 #: Bound on the clean-up after a cancellation: a cancelled (often timed-out)
 #: write must not linger; what it leaves is garbage the orphan sweep finds.
 _CANCEL_CLEANUP_SECONDS = 10.0
@@ -66,13 +71,15 @@ class Writer:
     """Appends a stream of bytes to an upload (``Store.write`` minus its checks)."""
 
     def __init__(self, client: S3Client, layout: Layout, records: Records, staged: StagedData,
-                 gauge: BufferGauge, leases: Leases, *, parts_in_flight: int) -> None:
+                 gauge: BufferGauge, leases: Leases, *, budget: MemoryBudget,
+                 parts_in_flight: int) -> None:
         self._client = client
         self._layout = layout
         self._records = records
         self._leases = leases
         self._staged = staged
         self._gauge = gauge
+        self._budget = budget
         self._parts_in_flight = parts_in_flight
 
     async def write(self, record: Record, etag: str, total: int | None,
@@ -85,7 +92,7 @@ class Writer:
             record=record, etag=etag, total=total, prefix=record.staged,
             first_part=first_part, committed_part=first_part - 1,
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
-            start_crc=record.crc32c,
+            budget=self._budget,
         )
         try:
             return await self._write(state, chunks)
@@ -102,8 +109,6 @@ class Writer:
         fill = self._start_fill(state)
         stream = aiter(chunks)
         overflow, stream_error = await self._read_body(state, fill, stream)
-        # Parts landing from now on are recorded by the final record write,
-        # together with the tail and the lease's release.
         state.ended = True
         if stream_error is None and (overflow is not None or state.failure is not None):
             await close_quietly(stream)
@@ -148,8 +153,9 @@ class Writer:
     async def _read_body(
         self, state: WriteState, fill: Fill, stream: AsyncIterator[bytes]
     ) -> tuple[UploadError | None, BaseException | None]:
-        """Read chunks into parts until the stream ends, overflows or a part
-        fails; (overflow, stream error) tell why it stopped."""
+        """Read chunks into parts until the stream ends, overflows, a part
+        fails or no buffer came in time; (overflow or ``Overloaded``, stream
+        error) tell why it stopped."""
         while state.failure is None:
             try:
                 chunk = await anext(stream)
@@ -170,6 +176,8 @@ class Writer:
                 overflow = self._overflow(state, fill)
             if not await self._take(state, fill, data) or overflow is not None:
                 return overflow, None
+            if state.overloaded is not None:
+                return state.overloaded, None
         return None, None
 
     @staticmethod
@@ -184,33 +192,52 @@ class Writer:
         )
 
     async def _take(self, state: WriteState, fill: Fill, data: bytes) -> bool:
-        """Copy ``data`` into parts, launching each one that fills; False when
+        """Add ``data`` to parts, launching each one that fills; False when
         a part failed and the rest can never become durable."""
-        with_part_crc = bool(state.record.checksum_algorithm)
         i = 0
         while i < len(data):
-            if fill.buf is None:
-                fill.buf = bytearray(fill.length)
-                state.hold(fill.length)
+            if fill.pieces is None:
+                fill.pieces = []
+                await self._reserve_part(state, fill, len(data) - i)
             n = min(len(data) - i, fill.length - fill.pos)
             # Only a chunk that straddles a part boundary is sliced (copied).
             piece = data if n == len(data) else data[i : i + n]
-            fill.crc = crc32c_extend(fill.crc, piece)
-            if with_part_crc:
-                fill.part_crc = crc32c_extend(fill.part_crc, piece)
-            fill.buf[fill.pos : fill.pos + n] = piece
+            fill.new_crc = crc32c_extend(fill.new_crc, piece)
+            if n >= SMALL_PIECE:
+                fill.pieces.append(piece)
+            elif fill.pieces and isinstance(fill.pieces[-1], bytearray) \
+                    and len(fill.pieces[-1]) < SMALL_PIECE:
+                fill.pieces[-1] += piece
+            else:
+                fill.pieces.append(bytearray(piece))
             fill.pos += n
             fill.offset += n
             i += n
             if fill.pos == fill.length:
                 if not await self._launch_part(state, fill):
                     return False
-                fill.next_part()
+                fill.next_part(state.boundaries[fill.number][1])
         return True
+
+    @staticmethod
+    async def _reserve_part(state: WriteState, fill: Fill, in_hand: int) -> None:
+        """Budget for the part about to fill: waiting for it stops this write
+        reading its client. If none came in time, only the ``in_hand`` bytes
+        already read are counted (they are in memory anyway), so that they
+        are staged, not lost, before the write ends."""
+        if state.overloaded is None:
+            try:
+                await state.reserve(fill.length)
+                fill.reserved = fill.length
+                return
+            except Overloaded as exc:
+                state.overloaded = exc
+        fill.reserved = min(in_hand, fill.length - fill.pos)
+        state.hold(fill.reserved)
 
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
-        assert fill.buf is not None
+        assert fill.pieces is not None
         # UploadPart takes no condition: it starts only under this process's
         # lease, taken over the record the write began from, so no other
         # writer can have used the part number meanwhile.
@@ -223,22 +250,26 @@ class Writer:
             # Bytes past a failed part can never become durable in this write.
             state.semaphore.release()
             return False
-        state.boundaries[fill.number] = (fill.offset, fill.crc)
+        state.boundaries[fill.number] = (fill.offset, fill.crc_now())
+        state.last_launched = fill.number
+        part_crc = fill.part_crc_now() if state.record.checksum_algorithm else 0
         task = asyncio.create_task(
-            self._part_task(state, fill.number, fill.buf, fill.prefix_len, fill.part_crc)
+            self._part_task(state, fill.number, fill.pieces, fill.reserved, fill.prefix_len,
+                            part_crc)
         )
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
         return True
 
     async def _part_task(
-        self, state: WriteState, number: int, buf: bytearray, prefix_len: int, part_crc: int
+        self, state: WriteState, number: int, pieces: list[bytes | bytearray], size: int,
+        prefix_len: int, part_crc: int,
     ) -> None:
-        size = len(buf)
+        body: list[bytes | bytearray] = []
         try:
-            if prefix_len:
-                await self._staged.fill(state.record, state.prefix, buf)
-            result = await upload_part(self._client, self._layout, state.record, number, buf,
+            head = await self._staged.read_all(state.record, state.prefix) if prefix_len else []
+            body = [*head, *pieces]
+            result = await upload_part(self._client, self._layout, state.record, number, body,
                                        part_crc)
             # What this write uploaded is what the record will name: completion
             # assembles exactly these ETags, never whatever S3 lists later.
@@ -248,10 +279,14 @@ class Writer:
         except Exception as exc:
             state.fail(exc)
         finally:
-            del buf
+            # Not held while the record is committed below.
+            body.clear()
+            pieces.clear()
             state.release(size)
             state.semaphore.release()
-        if number in state.done and not state.ended:
+        # The last part of a body that has ended is recorded by the final
+        # record write, with the tail and the lease's release: one write less.
+        if number in state.done and not (state.ended and number == state.last_launched):
             try:
                 await self._commit_parts(state)
             except Exception as exc:
@@ -298,24 +333,24 @@ class Writer:
         staged, tail_crc = base.staged, base.tail_crc32c
         # A staged tail is always shorter than a part: the loop uploads every
         # part it fills, so a full buffer never reaches this point.
-        assert fill.buf is None or fill.pos < fill.length
+        assert fill.pieces is None or fill.pos < fill.length
         small_writes = state.record.small_writes
-        if fill.buf is not None and fill.pos > fill.new_from:
+        if fill.pieces is not None and fill.pos > fill.new_from:
             small_writes += self._trim_to_granules(state, fill)
-        if fill.buf is not None and fill.pos > fill.new_from:
-            data, start = await self._remainder(state, fill)
-            state.release(len(fill.buf))
-            fill.buf = None
-            segment = self._staged.new_segment(data, start)
+        if fill.pieces is not None and fill.pos > fill.new_from:
+            data, start = self._remainder(fill)
+            state.release(fill.reserved)
+            fill.pieces = None
+            segment = self._staged.new_segment(data, start, crc32c=fill.new_crc)
             state.staging.append(segment)
             await settled(self._staged.put(state.record.session_id, segment, data))
             # A folded segment starts where the earlier ones did and replaces them.
             staged = (*(s for s in staged if s.start < start), segment)
-            tail_crc = fill.part_crc if state.record.checksum_algorithm else 0
+            tail_crc = fill.part_crc_now() if state.record.checksum_algorithm else 0
         release = self._leases.holds(state.record.name) and fill.offset != state.total
         if release or (staged, fill.offset, state.total) != (
                 state.record.staged, state.record.offset, state.record.total):
-            updated = replace(base, offset=fill.offset, crc32c=fill.crc,
+            updated = replace(base, offset=fill.offset, crc32c=fill.crc_now(),
                               total=state.total, staged=staged, tail_crc32c=tail_crc,
                               updated_at=time.time(), small_writes=small_writes)
             state.record, state.etag = await settled(
@@ -338,27 +373,19 @@ class Writer:
             return 0
         if keep <= fill.new_from:
             keep = fill.new_from  # not a whole granule of new bytes: none are kept
-        assert fill.buf is not None
-        # The CRC32C at the cut, from where this write's bytes in the part begin.
-        if fill.new_from and fill.number == state.first_part:
-            crc, part_crc = state.start_crc, state.record.tail_crc32c
-        elif fill.number - 1 in state.boundaries:
-            crc, part_crc = state.boundaries[fill.number - 1][1], 0
-        else:
-            crc, part_crc = state.start_crc, 0
-        kept = bytes(memoryview(fill.buf)[fill.new_from : keep])
-        fill.crc = crc32c_extend(crc, kept)
-        if state.record.checksum_algorithm:
-            fill.part_crc = crc32c_extend(part_crc, kept)
+        assert fill.pieces is not None
+        kept = b"".join(fill.pieces)[: keep - fill.new_from]
+        fill.pieces = [kept]
+        fill.new_crc = crc32c_extend(0, kept)
         fill.offset -= fill.pos - keep
         fill.pos = keep
         return 0
 
-    async def _remainder(self, state: WriteState, fill: Fill) -> tuple[bytes, int]:
+    @staticmethod
+    def _remainder(fill: Fill) -> tuple[bytes, int]:
         """The bytes to stage after the last full part, and their start offset."""
-        assert fill.buf is not None
-        new_from = fill.new_from
-        return bytes(memoryview(fill.buf)[new_from : fill.pos]), fill.start + new_from
+        assert fill.pieces is not None
+        return b"".join(fill.pieces), fill.start + fill.new_from
 
     async def _end_failed_write(self, state: WriteState) -> None:
         """After a failed part: record whatever contiguous prefix did land."""
@@ -387,8 +414,15 @@ class Writer:
 
     async def _clean_after_cancel(self, state: WriteState) -> None:
         """Delete the staged objects of this write that the record does not
-        name. The record is read again: a commit may have landed after
+        name, and release the lease (another instance need not wait for it
+        to expire). The record is read again: a commit may have landed after
         ``state`` last saw it."""
+        if self._leases.holds(state.record.name):
+            try:
+                async with asyncio.timeout(_CANCEL_CLEANUP_SECONDS):
+                    await self._leases.release_quietly(state.record.name)
+            except TimeoutError:
+                log.info("cancelled write of %r: its lease is left to expire", state.record.name)
         candidates = [*state.prefix, *state.staging]
         if not candidates:
             return
