@@ -305,8 +305,10 @@ async def test_kill_9_while_completing_loses_no_callback(
         rule = fault.add(Rule("POST", "uploadId=") if held == "complete_multipart_upload"
                          else COMPLETION_WRITE)
         rule.action = "hold"
-        first = AppProcess(s3_env(fault.url, bucket, main.callback_url), log_path)
-        second = AppProcess(s3_env(moto_endpoint, bucket, main.callback_url), log_path)
+        # The restarted instance waits for the killed one's lease to run out.
+        lease = {"APP__STORAGE__LEASE_TTL": "2s"}
+        first = AppProcess(s3_env(fault.url, bucket, main.callback_url, **lease), log_path)
+        second = AppProcess(s3_env(moto_endpoint, bucket, main.callback_url, **lease), log_path)
         try:
             await first.start(http)
             data = os.urandom(3000)

@@ -20,7 +20,7 @@ from app.callbacks.notifier import CompletionNotifier, encode
 from app.config import CallbacksConfig
 from app.core.digests import crc32c_b64
 from app.errors import UploadError
-from app.stores.base import CallbackOutbox, PendingNotices, Store, UploadInfo
+from app.stores.base import CallbackOutbox, PendingNotices, SharedWriting, Store, UploadInfo
 
 log = logging.getLogger("app.callbacks")
 
@@ -58,7 +58,7 @@ async def recorded_callbacks(store: Store) -> list[tuple[str, bytes, str]]:
     interrupted = [info async for info in store.list_unfinished() if info.notify_pending]
     for info in interrupted:
         try:
-            done = await store.finish(info, notify=True)
+            done = await _finish_interrupted(store, info)
         except UploadError as exc:
             log.warning("upload %r: an interrupted completion could not be finished (%s); "
                         "it is tried again later", info.object_name, exc.message)
@@ -72,6 +72,15 @@ async def recorded_callbacks(store: Store) -> list[tuple[str, bytes, str]]:
         log.info("upload %r: finished an interrupted completion", info.object_name)
         owed.append((done.session_id, encode(completion_payload(done)), done.name))
     return owed
+
+
+async def _finish_interrupted(store: Store, info: UploadInfo) -> UploadInfo:
+    """Finish ``info`` again; on a store shared by instances, once the one
+    that was completing it lets go (or its lease runs out, if it died)."""
+    if isinstance(store, SharedWriting):
+        async with store.writing(info.name, lambda: None):
+            return await store.finish(info, notify=True)
+    return await store.finish(info, notify=True)
 
 
 def confirmer(store: Store) -> Callable[[str, str], Awaitable[None]] | None:

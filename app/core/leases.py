@@ -59,9 +59,16 @@ class Timing:
 
     @property
     def poll(self) -> float:
-        """How often a holder looks for a takeover request while it waits on
-        its client, and a taker looks for the release."""
+        """How often a request waiting to take an upload over looks for the
+        holder's release."""
         return max(0.05, self.ttl / 10)
+
+    @property
+    def watch(self) -> float:
+        """How often a holder waiting on its client looks for a takeover
+        request (one HeadObject each), and how long a write runs before it
+        takes the lease it has not needed yet, so that it can be asked."""
+        return max(0.1, self.ttl / 5)
 
 
 class Standing(enum.Enum):

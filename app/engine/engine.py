@@ -80,13 +80,23 @@ class UploadEngine:
     # -- requests ---------------------------------------------------------
 
     async def status(
-        self, name: str, total: int | None, grant: Grant, digests: ClientDigests | None = None
+        self, name: str, total: int | None, grant: Grant, digests: ClientDigests | None = None,
+        *, known: UploadInfo | None = None,
     ) -> Outcome:
-        """A ``bytes */T`` probe; finalizes when ``T`` bytes are all present."""
+        """A ``bytes */T`` probe; finalizes when ``T`` bytes are all present.
+        ``known``: the upload as ``lookup`` read it for this very request, so
+        a probe of an id session reads the store once."""
         # A probe never takes an upload from another instance; the lease is
         # taken only if it turns out to complete the upload.
+        if self._writers.is_held(name):
+            known = None  # a request of this process is writing: it saves first
         async with self._exclusive(name, grant, writes=False):
-            info = await self._current(name, grant)
+            if known is not None and known.name == name:
+                info = known
+                rules.check_live(info, ttl=self._config.upload_ttl, now=self._clock(),
+                                 owner=grant.owner)
+            else:
+                info = await self._current(name, grant)
             rules.check_stated_total(info, total)
             if info.is_complete:
                 self._check_completed(info, digests)

@@ -388,7 +388,7 @@ async def _main(args: argparse.Namespace, config: Config) -> int:
         print(action.line(), file=lines, flush=True)
 
     try:
-        store = await open_store(config.storage)
+        store = await open_store(config.storage, serving=False)
     except UploadError as exc:
         print(f"error: cannot open the store: {exc.message}", file=sys.stderr)
         return 1

@@ -142,3 +142,32 @@ async def test_a_writer_that_does_not_let_go_in_time_is_refused_as_busy(open_s3)
     assert 1 <= caught.value.retry_after <= 30
     release.set()
     assert (await a_task).offset == P + MIB
+
+
+async def test_a_stalled_request_short_of_a_part_is_asked_too(
+        open_s3, s3_client, bucket) -> None:  # noqa: F811
+    """A request that has not filled a part needs no lease to stage its
+    bytes; one that is still running a moment later takes it anyway, so that
+    another instance can ask it to save what arrived instead of racing it."""
+    a, b = await open_s3(lease_ttl=2), await open_s3(lease_ttl=2)
+    data = payload(2 * MIB, seed=34)
+    info = await create(a, "stalled.bin", len(data))
+    asked = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:MIB]
+        await asked.wait()
+
+    async def a_request() -> Any:
+        async with a.writing("stalled.bin", asked.set):
+            return await a.write(info, body())
+
+    a_task = asyncio.create_task(a_request())
+    await until(lambda: held_by(b, "stalled.bin", a), "A takes the lease of its slow write")
+    async with b.writing("stalled.bin", lambda: None):
+        assert asked.is_set()
+        current = await b.get("stalled.bin")
+        assert current.offset == MIB  # A's bytes were staged before it let go
+        await b.finish(await b.write(current, stream(data[MIB:])))
+    assert (await a_task).offset == MIB
+    assert read_object(s3_client, bucket, "stalled.bin") == data

@@ -270,7 +270,7 @@ async def retrieve_offset(request: web.Request, version: iv.InteropVersion) -> w
     version.check_probe_fields(request.headers)
     session, found = await _session(request)
     grant = await edge.authorize(request, found.object_name, "status", dialect=NAME)
-    info = (await edge.engine(request).status(session, None, grant)).info
+    info = (await edge.engine(request).status(session, None, grant, known=found)).info
     edge.note_state(request, info)
     length = info.completed.size if info.completed is not None else info.total
     headers = {

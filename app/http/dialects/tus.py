@@ -295,7 +295,7 @@ async def head(request: web.Request) -> web.StreamResponse:
     engine = edge.engine(request)
     found = await engine.lookup(session)
     grant = await edge.authorize(request, found.object_name, "status", dialect=NAME)
-    info = (await engine.status(session, None, grant)).info
+    info = (await engine.status(session, None, grant, known=found)).info
     edge.note_state(request, info)
     headers = _state_headers(engine, info)
     headers["Cache-Control"] = "no-store"

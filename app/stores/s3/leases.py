@@ -69,6 +69,11 @@ class Writing:
     #: goes over the replacement.
     alias: dict[str, str] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The record as ``make_way`` read it, until the request's first ``get``.
+    fresh: tuple[Record, str] | None = None
+    #: The record a write in progress last wrote without the lease, so the
+    #: watcher can take the lease over it (see ``_watch``); None: no write.
+    base: tuple[Record, str] | None = None
 
     def request_stop(self) -> None:
         if not self.stopped:
@@ -118,10 +123,10 @@ class Leases:
         if not self.enabled:
             yield
             return
-        await self.make_way(name)
         entry = Writing(stop)
         self._writing[name] = entry
         try:
+            entry.fresh = await self.make_way(name)
             yield
         finally:
             del self._writing[name]
@@ -129,18 +134,28 @@ class Leases:
             if name in self._held:
                 await self.release_quietly(name)
 
-    async def make_way(self, name: str) -> None:
-        """Return once no other instance holds a live lease on ``name``."""
+    def take_fresh(self, name: str) -> tuple[Record, str] | None:
+        """The record the request writing ``name`` read a moment ago to make
+        way, once: its first ``get`` needs no second GET."""
+        entry = self._writing.get(name)
+        if entry is None or entry.fresh is None:
+            return None
+        fresh, entry.fresh = entry.fresh, None
+        return fresh
+
+    async def make_way(self, name: str) -> tuple[Record, str] | None:
+        """Return once no other instance holds a live lease on ``name``,
+        with the record as last read (None if there is none)."""
         deadline = self._monotonic() + self._takeover_timeout
         while True:
             loaded = await self._records.read(name)
             if loaded is None:
-                return
+                return None
             record, etag = loaded
             lease = record.lease
             if lease is None or leases.standing(lease, self.instance, self._clock()) \
                     is not Standing.HELD:
-                return
+                return loaded
             left = deadline - self._monotonic()
             if left <= 0:
                 raise WriterBusy(
@@ -156,10 +171,26 @@ class Leases:
                 except OffsetMismatch:
                     continue  # it changed meanwhile: look again
                 except UploadNotFound:
-                    return
+                    return None
             await asyncio.sleep(min(self.timing.poll, left))
 
     # -- the writer's side ----------------------------------------------------------
+
+    def begin_write(self, record: Record, etag: str) -> None:
+        """A write of the request writing ``record.name`` starts from
+        ``record`` at ``etag``. One that is still running a moment later
+        takes the lease even before it needs it for a part: a slow or stalled
+        client's request can then be asked to save what it has and let go."""
+        entry = self._writing.get(record.name)
+        if entry is None:
+            return
+        entry.base = (record, etag)
+        self._start_watching(record.name, entry)
+
+    def end_write(self, name: str) -> None:
+        entry = self._writing.get(name)
+        if entry is not None:
+            entry.base = None
 
     def note_flow(self, name: str) -> None:
         entry = self._writing.get(name)
@@ -212,8 +243,21 @@ class Leases:
         if holding is None and not take:
             # Not this process's lease to renew or release: a plain
             # conditional write (staging, settling a total, a notice).
-            return record, await self._records.put(record, if_match=etag)
+            new_etag = await self._records.put(record, if_match=etag)
+            if entry is not None:
+                entry.base = (record, new_etag)
+            return record, new_etag
         basis = holding.lease if holding is not None and holding.etag == etag else record.lease
+        if holding is not None and holding.deadline <= self._monotonic():
+            # By this process's own clock the lease ran out (it was paused,
+            # or S3 was slow): another instance may hold the upload now, so
+            # look before writing over it rather than after.
+            head = await self._client.head(self._layout.record_key(name))
+            if head is None:
+                self._held.pop(name, None)
+                raise UploadNotFound(f"the upload {name!r} was cancelled")
+            if str(head.get("ETag")) != etag:
+                basis, etag = await self._merge(name, etag, entry)
         while True:
             sent = self._monotonic()
             lease = None if release else leases.granted(
@@ -238,9 +282,12 @@ class Leases:
                 self._held[name] = Holding(lease, sent + self.timing.ttl, updated, new_etag)
                 if entry is not None:
                     entry.flowed = False
-                    if entry.watcher is None:
-                        entry.watcher = asyncio.create_task(self._watch(name, entry))
+                    self._start_watching(name, entry)
             return updated, new_etag
+
+    def _start_watching(self, name: str, entry: Writing) -> None:
+        if entry.watcher is None and not entry.stopped:
+            entry.watcher = asyncio.create_task(self._watch(name, entry))
 
     async def _merge(self, name: str, etag: str, entry: Writing | None, *,
                      taking: Record | None = None) -> tuple[Lease | None, str]:
@@ -284,15 +331,19 @@ class Leases:
     # -- while the client sends -------------------------------------------------
 
     async def _watch(self, name: str, entry: Writing) -> None:
-        """While this process holds the lease of ``name`` and waits on its
-        client: renew it if data still flows, and look for a takeover request."""
+        """While a write of ``name`` runs in this process: take the lease if
+        it is still going without one; while it holds the lease, renew it if
+        data still flows, and look for another instance asking for it."""
         try:
             while not entry.stopped:
-                await asyncio.sleep(self.timing.poll)
+                await asyncio.sleep(self.timing.watch)
                 async with entry.lock:
                     holding = self._held.get(name)
                     if holding is None:
-                        break
+                        if entry.base is None:
+                            break  # no write and no lease: nothing to watch
+                        await self._take_for_slow_write(name, entry, *entry.base)
+                        continue
                     left = holding.deadline - self._monotonic()
                     if entry.flowed and left < self.timing.renew_below:
                         old = holding.etag
@@ -303,7 +354,7 @@ class Leases:
                     if head is None or str(head.get("ETag")) == holding.etag:
                         continue
                     await self._merge(name, holding.etag, entry)
-        except (OffsetMismatch, UploadNotFound):
+        except (OffsetMismatch, UploadNotFound, WriterBusy):
             pass  # fenced off or gone: the writer finds out at its next write
         except asyncio.CancelledError:
             raise
@@ -312,6 +363,14 @@ class Leases:
             log.warning("upload %r: watching its lease failed: %r", name, exc)
         finally:
             entry.watcher = None
+
+    async def _take_for_slow_write(self, name: str, entry: Writing, record: Record,
+                                   etag: str) -> None:
+        if leases.standing(record.lease, self.instance, self._clock()) is Standing.HELD:
+            return  # another instance's: the writer finds out when it needs the lease
+        _, new_etag = await self._put(record, etag, False, entry, take=True)
+        entry.base = None
+        entry.alias = {o: new_etag for o in (*entry.alias, etag)}
 
     async def _stop_watching(self, entry: Writing) -> None:
         watcher = entry.watcher

@@ -143,12 +143,18 @@ class S3Store:
         self._joiner = Joiner(client, self.records, self._layout)
 
     @classmethod
-    async def open(cls, config: StorageConfig, budget: MemoryBudget | None = None) -> S3Store:
+    async def open(cls, config: StorageConfig, budget: MemoryBudget | None = None, *,
+                   check_writes: bool = True) -> S3Store:
+        """``check_writes``: refuse a bucket that ignores conditional writes
+        (unless they are configured off); an instance serving uploads needs
+        them, a tool that only sweeps does not."""
         client = await S3Client.connect(config)
         try:
             if config.s3.create_bucket:
                 await client.ensure_bucket(config.s3.region)
-            if config.s3.conditional_writes:
+            if not check_writes:
+                pass
+            elif config.s3.conditional_writes:
                 await check_conditional_writes(client, Layout(config.s3.prefix))
             else:
                 log.warning("storage.s3.conditional_writes is off: run a single instance, or "
@@ -274,7 +280,8 @@ class S3Store:
         return str(created["UploadId"])
 
     async def get(self, name: str) -> UploadInfo:
-        record, etag = await self.records.load(name)
+        loaded = self.leases.take_fresh(name)
+        record, etag = loaded if loaded is not None else await self.records.load(name)
         return record.to_info(etag)
 
     async def write(

@@ -94,6 +94,7 @@ class Writer:
             semaphore=asyncio.Semaphore(self._parts_in_flight), gauge=self._gauge,
             budget=self._budget,
         )
+        self._leases.begin_write(record, etag)
         try:
             return await self._write(state, chunks)
         except asyncio.CancelledError:
@@ -101,6 +102,7 @@ class Writer:
             await self._clean_after_cancel(state)
             raise
         finally:
+            self._leases.end_write(record.name)
             await self._stop_parts(state)
             if state.buffered:
                 state.release(state.buffered)
@@ -110,6 +112,7 @@ class Writer:
         stream = aiter(chunks)
         overflow, stream_error = await self._read_body(state, fill, stream)
         state.ended = True
+        self._leases.end_write(state.record.name)
         if stream_error is None and (overflow is not None or state.failure is not None):
             await close_quietly(stream)
         # A cancellation that arrived while waiting for the body is raised
