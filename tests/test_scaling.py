@@ -470,9 +470,14 @@ async def test_a_chunk_on_another_instance_takes_over_a_stalled_request(
     upto = 3 * MIB if stalled_at == "mid_first_part" else 6 * MIB
     part = gate.watch(lambda s: s.tag == a.tag and s.is_upload_part()
                       and s.path == object_path(store.name, name))
+    # A's request takes the lease once it has run a moment (mid part, so
+    # that it can be asked), or to upload part 1; B's request comes after.
+    leased = gate.watch(lambda s: s.tag == a.tag and s.method == "PUT" and s.conditional
+                        and s.path == record_path(store.name, name))
     stalled = Stalled(data[MIB:upto], data[upto:])
     old = asyncio.create_task(send_chunk(http, a, name, stalled.body(), MIB, total - MIB, total))
     await wait_for(stalled.paused, "the old request's first bytes were not taken")
+    await wait_for(leased.done, "instance A never took the lease of its request")
     if stalled_at == "after_a_part":
         await wait_for(part.done, "instance A never uploaded part 1")
     # The bytes A holds are not acknowledged yet, so a probe may report less.

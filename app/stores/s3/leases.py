@@ -74,6 +74,9 @@ class Writing:
     #: The record a write in progress last wrote without the lease, so the
     #: watcher can take the lease over it (see ``_watch``); None: no write.
     base: tuple[Record, str] | None = None
+    #: Set once another instance took the upload from this request: it
+    #: writes nothing more (every write would be refused anyway).
+    fenced: OffsetMismatch | None = None
 
     def request_stop(self) -> None:
         if not self.stopped:
@@ -192,6 +195,13 @@ class Leases:
         if entry is not None:
             entry.base = None
 
+    def check_fenced(self, name: str) -> None:
+        """Raise ``OffsetMismatch`` if another instance took ``name`` from
+        the request of this process writing it."""
+        entry = self._writing.get(name)
+        if entry is not None and entry.fenced is not None:
+            raise entry.fenced
+
     def note_flow(self, name: str) -> None:
         entry = self._writing.get(name)
         if entry is not None:
@@ -238,6 +248,8 @@ class Leases:
                    entry: Writing | None, *, take: bool = False) -> tuple[Record, str]:
         name = record.name
         if entry is not None:
+            if entry.fenced is not None:
+                raise entry.fenced
             etag = entry.alias.get(etag, etag)
         holding = self._held.get(name)
         if holding is None and not take:
@@ -321,12 +333,17 @@ class Leases:
                 entry.alias = {old: new_etag for old in (*entry.alias, etag)}
             return current.lease, new_etag
         self._held.pop(name, None)
-        if entry is not None:
-            entry.request_stop()
-        raise OffsetMismatch(
+        fenced = OffsetMismatch(
             f"another writer changed {name!r}; it holds {current.offset} bytes",
             offset=current.offset,
         )
+        if entry is not None:
+            log.warning("upload %r: another instance took it over (generation %s); this "
+                        "request stops without writing", name,
+                        None if current.lease is None else current.lease.generation)
+            entry.fenced = fenced
+            entry.request_stop()
+        raise fenced
 
     # -- while the client sends -------------------------------------------------
 

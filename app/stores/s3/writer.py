@@ -331,6 +331,7 @@ class Writer:
         """Stage the bytes past the last full part and record the new state,
         the parts that landed since the body ended and the lease's release
         (kept when the upload is full: completion needs it) in one write."""
+        self._leases.check_fenced(state.record.name)
         advanced = self._advanced(state)
         base = state.record if advanced is None else advanced[0]
         staged, tail_crc = base.staged, base.tail_crc32c
