@@ -8,7 +8,7 @@ import base64
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from app.core.budget import MemoryBudget
@@ -73,6 +73,14 @@ def from_header_value(value: str) -> str:
     return value
 
 
+#: Awaited before each request S3 cannot condition; raises to stop.
+Fence = Callable[[], Awaitable[None]]
+
+
+async def _no_fence() -> None:
+    return None
+
+
 class Completion:
     """Turns a record whose ``offset == total`` into the finished object."""
 
@@ -84,11 +92,13 @@ class Completion:
         self._gauge = gauge
         self._budget = budget
 
-    async def complete(self, record: Record) -> CompletedObject:
+    async def complete(self, record: Record, fence: Fence = _no_fence) -> CompletedObject:
         """The object, assembled from exactly the parts the record names.
         ``PartOverwritten`` when S3 holds another part than the record's (a
         writer that lost the record race uploaded it late: UploadPart takes no
-        condition); nothing is completed then."""
+        condition); nothing is completed then. ``fence`` is awaited before
+        each request S3 cannot condition (it raises if this process no longer
+        holds the upload's lease)."""
         total = record.total
         assert total is not None
         key = self._layout.object_key(record.object_name)
@@ -102,13 +112,13 @@ class Completion:
             return self._completed(record, str(put["ETag"]), 0)
         try:
             if record.parts is None:
-                return await self._complete_listed(record, key)
+                return await self._complete_listed(record, key, fence)
             parts = list(record.parts)
             for attempt in range(_TAIL_ATTEMPTS):
                 if record.staged:
-                    parts[len(record.parts):] = [await self._upload_staged_tail(record)]
+                    parts[len(record.parts):] = [await self._upload_staged_tail(record, fence)]
                 try:
-                    result = await self._assemble(record, key, parts)
+                    result = await self._assemble(record, key, parts, fence)
                     break
                 except PartOverwritten as exc:
                     # The staged tail is still ours to upload again; a full
@@ -120,7 +130,8 @@ class Completion:
             return await self._completed_earlier(record)
         return self._completed(record, str(result["ETag"]), total)
 
-    async def _assemble(self, record: Record, key: str, parts: list[Part]) -> dict[str, Any]:
+    async def _assemble(self, record: Record, key: str, parts: list[Part],
+                        fence: Fence) -> dict[str, Any]:
         assert record.total is not None
         if len(parts) != -(-record.total // record.part_size):
             raise StorageUnavailable(
@@ -128,6 +139,7 @@ class Completion:
                 f"{record.total} bytes"
             )
         await self._check_parts(record, key, parts)
+        await fence()
         try:
             return await self._client.call(
                 "CompleteMultipartUpload", NO_UPLOAD_CODES | INVALID_PART_CODES,
@@ -163,15 +175,16 @@ class Completion:
             entries.append(entry)
         return entries
 
-    async def _complete_listed(self, record: Record, key: str) -> CompletedObject:
+    async def _complete_listed(self, record: Record, key: str, fence: Fence) -> CompletedObject:
         """A record written before parts were recorded: its parts come from
         ListParts, as they did then."""
         assert record.total is not None
         listed = await self._client.parts(key, record.upload_id)
         count = -(-record.total // record.part_size)
         if record.staged:
-            tail = await self._upload_staged_tail(record)
+            tail = await self._upload_staged_tail(record, fence)
             listed[count] = {"ETag": tail.etag, "Size": record.offset - record.staged[0].start}
+        await fence()
         result = await self._client.call(
             "CompleteMultipartUpload", NO_UPLOAD_CODES, Key=key,
             UploadId=record.upload_id,
@@ -203,7 +216,7 @@ class Completion:
             raise UploadNotFound(f"the multipart upload of {record.name!r} no longer exists")
         return self._completed(record, str(head["ETag"]), int(head["ContentLength"]))
 
-    async def _upload_staged_tail(self, record: Record) -> Part:
+    async def _upload_staged_tail(self, record: Record, fence: Fence) -> Part:
         start = record.staged[0].start
         size = record.offset - start
         # Waiting for the budget leaves the upload as it was: an Overloaded
@@ -213,6 +226,7 @@ class Completion:
         self._gauge.hold(size)
         try:
             await self._staged.fill(record, record.staged, buf)
+            await fence()
             result = await upload_part(self._client, self._layout, record,
                                        start // record.part_size + 1, [buf], record.tail_crc32c)
             return Part(bare_etag(result["ETag"]), record.tail_crc32c, record.crc32c)

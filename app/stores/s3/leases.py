@@ -37,6 +37,7 @@ from app.errors import (
 from app.stores.s3.client import S3Client
 from app.stores.s3.errors import CONFLICT_CODES, S3Refusal
 from app.stores.s3.records import Layout, Record, Records
+from app.stores.settle import settled
 
 log = logging.getLogger("app.stores.s3")
 
@@ -77,6 +78,9 @@ class Writing:
     #: Set once another instance took the upload from this request: it
     #: writes nothing more (every write would be refused anyway).
     fenced: OffsetMismatch | None = None
+    #: Part uploads or a completion in progress: the lease is renewed while
+    #: they run, as while data flows.
+    busy: int = 0
 
     def request_stop(self) -> None:
         if not self.stopped:
@@ -126,13 +130,19 @@ class Leases:
         if not self.enabled:
             yield
             return
+        if name in self._writing:
+            # Only the engine's one-writer-per-upload hold puts requests in
+            # here one at a time; anything else (start-up recovery racing a
+            # client) is told to come back.
+            raise WriterBusy("this upload is being written by another request; retry shortly")
         entry = Writing(stop)
         self._writing[name] = entry
         try:
-            entry.fresh = await self.make_way(name)
+            entry.fresh = await self.make_way(name, entry)
             yield
         finally:
-            del self._writing[name]
+            if self._writing.get(name) is entry:
+                del self._writing[name]
             await self._stop_watching(entry)
             if name in self._held:
                 await self.release_quietly(name)
@@ -146,11 +156,15 @@ class Leases:
         fresh, entry.fresh = entry.fresh, None
         return fresh
 
-    async def make_way(self, name: str) -> tuple[Record, str] | None:
+    async def make_way(self, name: str, entry: Writing | None = None
+                       ) -> tuple[Record, str] | None:
         """Return once no other instance holds a live lease on ``name``,
-        with the record as last read (None if there is none)."""
+        with the record as last read (None if there is none). ``entry``: the
+        request waiting, which gives up if it is itself taken over meanwhile."""
         deadline = self._monotonic() + self._takeover_timeout
         while True:
+            if entry is not None and entry.stopped:
+                raise WriterBusy("a newer request for this upload took over; retry shortly")
             loaded = await self._records.read(name)
             if loaded is None:
                 return None
@@ -202,6 +216,20 @@ class Leases:
         if entry is not None and entry.fenced is not None:
             raise entry.fenced
 
+    @asynccontextmanager
+    async def busy(self, name: str) -> AsyncIterator[None]:
+        """Around S3 work done under the lease (a part upload, a completion):
+        the watcher keeps the lease renewed meanwhile."""
+        entry = self._writing.get(name)
+        if entry is None:
+            yield
+            return
+        entry.busy += 1
+        try:
+            yield
+        finally:
+            entry.busy -= 1
+
     def note_flow(self, name: str) -> None:
         entry = self._writing.get(name)
         if entry is not None:
@@ -222,8 +250,8 @@ class Leases:
                 and holding.deadline - self._monotonic() >= self.timing.margin:
             return record, etag
         now = self._clock()
-        if holding is None and \
-                leases.standing(record.lease, self.instance, now) is Standing.HELD:
+        ours = holding is not None and leases.still_ours(holding.lease, record.lease)
+        if not ours and leases.standing(record.lease, self.instance, now) is Standing.HELD:
             assert record.lease is not None
             raise WriterBusy(
                 f"instance {record.lease.holder} is writing this upload; retry shortly",
@@ -269,7 +297,7 @@ class Leases:
                 self._held.pop(name, None)
                 raise UploadNotFound(f"the upload {name!r} was cancelled")
             if str(head.get("ETag")) != etag:
-                basis, etag = await self._merge(name, etag, entry)
+                basis, etag, _ = await self._merge(name, etag, entry)
         while True:
             sent = self._monotonic()
             lease = None if release else leases.granted(
@@ -278,10 +306,13 @@ class Leases:
                              0 if basis is None else basis.generation)
             updated = replace(record, lease=lease, generation=generation)
             try:
-                new_etag = await self._records.put(updated, if_match=etag)
+                # Awaited to its end even if the caller is cancelled: a take
+                # that landed unseen would hold the upload until it expired.
+                new_etag = await settled(self._records.put(updated, if_match=etag))
             except OffsetMismatch:
-                basis, etag = await self._merge(name, etag, entry,
-                                                taking=record if holding is None else None)
+                basis, etag, issued = await self._merge(
+                    name, etag, entry, taking=record if holding is None else None)
+                record = replace(record, generation=max(record.generation, issued))
                 continue
             except UploadNotFound:
                 self._held.pop(name, None)
@@ -302,7 +333,7 @@ class Leases:
             entry.watcher = asyncio.create_task(self._watch(name, entry))
 
     async def _merge(self, name: str, etag: str, entry: Writing | None, *,
-                     taking: Record | None = None) -> tuple[Lease | None, str]:
+                     taking: Record | None = None) -> tuple[Lease | None, str, int]:
         """After a conditional write over ``etag`` failed: the record's lease
         and version now, if all that changed is another instance asking this
         holder to let go (the write is then told to stop), or, when
@@ -316,7 +347,7 @@ class Leases:
         current, new_etag = loaded
         if taking is not None and current.same_data(taking) and leases.standing(
                 current.lease, self.instance, self._clock()) is not Standing.HELD:
-            return current.lease, new_etag
+            return current.lease, new_etag, current.generation
         holding = self._held.get(name)
         if holding is not None and holding.etag == etag \
                 and leases.still_ours(holding.lease, current.lease) \
@@ -331,7 +362,7 @@ class Leases:
                                        etag=new_etag)
             if entry is not None:
                 entry.alias = {old: new_etag for old in (*entry.alias, etag)}
-            return current.lease, new_etag
+            return current.lease, new_etag, current.generation
         self._held.pop(name, None)
         fenced = OffsetMismatch(
             f"another writer changed {name!r}; it holds {current.offset} bytes",
@@ -362,7 +393,7 @@ class Leases:
                         await self._take_for_slow_write(name, entry, *entry.base)
                         continue
                     left = holding.deadline - self._monotonic()
-                    if entry.flowed and left < self.timing.renew_below:
+                    if (entry.flowed or entry.busy) and left < self.timing.renew_below:
                         old = holding.etag
                         _, new_etag = await self._put(holding.record, old, False, entry)
                         entry.alias = {o: new_etag for o in (*entry.alias, old)}
@@ -397,7 +428,15 @@ class Leases:
 
     async def release_quietly(self, name: str) -> None:
         """Release a lease a request still held when it ended (it failed, or
-        filled the upload without finishing it)."""
+        filled the upload without finishing it, or was cancelled)."""
+        entry = self._writing.get(name)
+        if entry is None:
+            await self._release(name)
+            return
+        async with entry.lock:  # not while the watcher renews it
+            await self._release(name)
+
+    async def _release(self, name: str) -> None:
         holding = self._held.get(name)
         if holding is None:
             return

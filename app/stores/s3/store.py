@@ -346,12 +346,27 @@ class S3Store:
             # finished by start-up and the cleanup job.
             record, etag = await self.leases.put(replace(record, notify_pending=True), etag)
         # Completion assembles the parts the record names: only under the
-        # lease, so no part it names is being overwritten meanwhile.
-        record, etag = await self.leases.ensure(record, etag)
+        # lease, checked again before each request that S3 cannot condition
+        # (the tail's UploadPart, CompleteMultipartUpload), so no part it
+        # names is being overwritten meanwhile.
+        took = not self.leases.holds(info.name)
+
+        async def fence() -> None:
+            nonlocal record, etag
+            record, etag = await self.leases.ensure(record, etag)
+
         try:
-            completed = replace(await self._completion.complete(record), md5=md5)
+            await fence()
+            async with self.leases.busy(info.name):
+                completed = replace(await self._completion.complete(record, fence), md5=md5)
         except PartOverwritten as exc:
             return await self._roll_back(record, etag, exc.number)
+        except BaseException:
+            if took:
+                # Taken for this completion alone (a probe that finishes, a
+                # recovery): others need not wait for it to expire.
+                await self.leases.release_quietly(info.name)
+            raise
         done = replace(record, completed=completed, staged=(), tail_crc32c=0,
                        updated_at=completed.completed_at)
         try:

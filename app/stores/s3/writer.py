@@ -98,6 +98,7 @@ class Writer:
         try:
             return await self._write(state, chunks)
         except asyncio.CancelledError:
+            self._leases.end_write(record.name)
             await self._stop_parts(state)
             await self._clean_after_cancel(state)
             raise
@@ -241,11 +242,6 @@ class Writer:
     async def _launch_part(self, state: WriteState, fill: Fill) -> bool:
         """Start uploading the full part; False (nothing started) after a failure."""
         assert fill.pieces is not None
-        # UploadPart takes no condition: it starts only under this process's
-        # lease, taken over the record the write began from, so no other
-        # writer can have used the part number meanwhile.
-        async with state.lock:
-            state.record, state.etag = await self._leases.ensure(state.record, state.etag)
         # Waiting here while holding the full buffer is what bounds memory to
         # (parts_in_flight + 1) parts per write.
         await state.semaphore.acquire()
@@ -272,8 +268,15 @@ class Writer:
         try:
             head = await self._staged.read_all(state.record, state.prefix) if prefix_len else []
             body = [*head, *pieces]
-            result = await upload_part(self._client, self._layout, state.record, number, body,
-                                       part_crc)
+            # UploadPart takes no condition: it is sent only under this
+            # process's lease with its margin left (taken or renewed here if
+            # need be, over the record the write began from), so no other
+            # writer can be using the part number.
+            async with state.lock:
+                state.record, state.etag = await self._leases.ensure(state.record, state.etag)
+            async with self._leases.busy(state.record.name):
+                result = await upload_part(self._client, self._layout, state.record, number, body,
+                                           part_crc)
             # What this write uploaded is what the record will name: completion
             # assembles exactly these ETags, never whatever S3 lists later.
             state.landed[number] = Part(bare_etag(result["ETag"]), part_crc,
