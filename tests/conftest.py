@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 
+import aiohttp
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
 from tests.relay import TcpRelay
+from tests.s3_gate import S3Gate
 
 pytest_plugins = ["tests.stores.fixtures"]
 
@@ -63,6 +65,21 @@ def bucket(s3_client) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session that leaves bodies as sent (tests compare bytes)."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+async def gate(moto_endpoint: str) -> AsyncIterator[S3Gate]:
+    """A steerable proxy in front of moto (``tests.s3_gate``)."""
+    gate = S3Gate(moto_endpoint)
+    yield gate
+    await gate.close()
 
 
 @pytest.fixture(autouse=True)

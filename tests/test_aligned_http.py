@@ -15,7 +15,6 @@ from tests import test_http
 from tests.test_http import put_range, stored_object
 
 proxies = test_http.proxies
-http = test_http.http
 
 MIB = 1024 * 1024
 CHUNK = 8 * MIB

@@ -22,7 +22,7 @@ from app.errors import UploadNotFound
 from app.http import keys
 from tests.http_support import Proxy
 from tests.relay import TcpRelay
-from tests.test_http import crc_b64, http, proxies, stored_object  # noqa: F401
+from tests.test_http import crc_b64, proxies, stored_object  # noqa: F401
 
 MIB = 1024 * 1024
 

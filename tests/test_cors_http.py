@@ -51,12 +51,6 @@ async def proxy(tmp_path: Path, auth: CountingAuthorizer) -> AsyncIterator[Proxy
     await factory.stop_all()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def header_set(value: str | None) -> set[str]:
     return {v.strip().lower() for v in (value or "").split(",") if v.strip()}
 

@@ -23,7 +23,6 @@ from tests.test_http import crc_b64, probe, put_range, stored_object
 
 # The end-to-end fixtures of test_http (a proxy factory over store_harness, a client).
 proxies = test_http.proxies
-http = test_http.http
 
 MIB = 1024 * 1024
 FS = pytest.mark.parametrize("store_kind", ["filesystem"])

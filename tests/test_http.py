@@ -34,12 +34,6 @@ async def proxies(store_harness: StoreHarness) -> AsyncIterator[ProxyFactory]:
     await factory.stop_all()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
-
-
 def crc_b64(data: bytes) -> str:
     return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
 

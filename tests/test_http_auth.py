@@ -39,7 +39,6 @@ from tests.test_http import put_range, stored_object
 # The end-to-end fixtures of tests/test_http.py: a ProxyFactory over the
 # parametrized store, and a client session.
 proxies = test_http.proxies
-http = test_http.http
 
 MIB = 1024 * 1024
 SECRET = "callback-secret"

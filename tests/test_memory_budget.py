@@ -55,12 +55,6 @@ async def proxies(tmp_path: Path, moto_endpoint: str, bucket: str
     await factory.stop_all()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
-
-
 def stored(s3_client, bucket: str, name: str) -> bytes:
     return s3_client.get_object(Bucket=bucket, Key=f"uploads/{name}")["Body"].read()
 

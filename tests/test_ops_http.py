@@ -58,12 +58,6 @@ def s3_config(endpoint: str, bucket: str) -> Config:
         "read_timeout": "5s"}}})
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
     async with http.get(url) as resp:
         return resp.status, await resp.json()

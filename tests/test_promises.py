@@ -38,7 +38,6 @@ from tests.test_http_auth import (
 )
 
 proxies = test_http.proxies
-http = test_http.http
 __all__ = ["main"]  # the fake main application's fixture, shared with test_http_auth
 
 MIB = 1024 * 1024

@@ -66,13 +66,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-@pytest.fixture
-async def gate(moto_endpoint: str) -> AsyncIterator[S3Gate]:
-    g = S3Gate(moto_endpoint)
-    yield g
-    await g.close()
-
-
 MakeCluster = Callable[..., Awaitable[Cluster]]
 
 

@@ -18,7 +18,7 @@ import pytest
 from app.core.protocol import id_session_name
 from app.http import keys
 from tests.http_support import Proxy, raw_request
-from tests.test_http import http, proxies, stored_object  # noqa: F401
+from tests.test_http import proxies, stored_object  # noqa: F401
 
 MIB = 1024 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -29,7 +29,7 @@ def meta(**values: str) -> str:
     return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
 
 
-async def create(http: aiohttp.ClientSession, proxy: Proxy, length: int | None, *,  # noqa: F811
+async def create(http: aiohttp.ClientSession, proxy: Proxy, length: int | None, *,
                  status: int = 201, **headers: str) -> str:
     sent = {**TUS, **headers}
     if length is not None:
@@ -39,7 +39,7 @@ async def create(http: aiohttp.ClientSession, proxy: Proxy, length: int | None, 
         return resp.headers.get("Location", "")
 
 
-async def patch(http: aiohttp.ClientSession, url: str, data: bytes, offset: int,  # noqa: F811
+async def patch(http: aiohttp.ClientSession, url: str, data: bytes, offset: int,
                 **headers: str) -> aiohttp.ClientResponse:
     async with http.patch(url, data=data,
                           headers={**OCTETS, "Upload-Offset": str(offset), **headers}) as resp:
@@ -47,7 +47,7 @@ async def patch(http: aiohttp.ClientSession, url: str, data: bytes, offset: int,
         return resp
 
 
-async def head(http: aiohttp.ClientSession, url: str, **headers: str) -> aiohttp.ClientResponse:  # noqa: F811
+async def head(http: aiohttp.ClientSession, url: str, **headers: str) -> aiohttp.ClientResponse:
     async with http.head(url, headers={**TUS, **headers}) as resp:
         return resp
 

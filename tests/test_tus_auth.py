@@ -19,7 +19,6 @@ from tests.test_http_auth import (
 from tests.test_tus import OCTETS, TUS, head, meta, session_of
 
 proxies = test_http_auth.proxies
-http = test_http_auth.http
 main = test_http_auth.main
 
 MIB = 1024 * 1024

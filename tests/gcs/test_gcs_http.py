@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -20,12 +19,6 @@ from tests.gcs.support import BUCKET, MIB, gcs_proxies, start_gcs, stored  # noq
 from tests.test_http import crc_b64, md5_b64, wait_idle
 
 UPLOAD = f"/upload/storage/v1/b/{BUCKET}/o"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def initiate(http: aiohttp.ClientSession, base: str, name: str, **headers: str) -> str:

@@ -56,13 +56,6 @@ class Calls:
         return counts
 
 
-@pytest.fixture
-async def gate(moto_endpoint: str) -> AsyncIterator[S3Gate]:
-    gate = S3Gate(moto_endpoint)
-    yield gate
-    await gate.close()
-
-
 async def observed(open_s3, gate: S3Gate, tag: str, **storage: object) -> tuple[S3Store, Calls]:
     store = await open_s3(endpoint=await gate.listener(tag), **storage)
     calls = Calls()

@@ -27,7 +27,7 @@ from app.errors import (
 )
 from app.ops.cleanup import run_cleanup
 from app.stores.s3.store import S3Store
-from tests.s3_gate import S3Gate, Seen
+from tests.s3_gate import Seen
 from tests.stores.fixtures import storage_config
 from tests.stores.s3_support import AppProcess
 from tests.stores.test_s3_store import emulate_s3_upload_listing
@@ -39,13 +39,6 @@ OpenStore = Callable[..., Awaitable[S3Store]]
 
 def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-@pytest.fixture
-async def gate(moto_endpoint: str) -> AsyncIterator[S3Gate]:
-    g = S3Gate(moto_endpoint)
-    yield g
-    await g.close()
 
 
 @pytest.fixture
@@ -64,12 +57,6 @@ async def open_s3(tmp_path: Path, bucket: str) -> AsyncIterator[OpenStore]:
     yield _open
     for store in opened:
         await store.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def op(name: str) -> Callable[[Seen], bool]:
