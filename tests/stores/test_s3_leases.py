@@ -53,6 +53,24 @@ async def held_by(store: S3Store, name: str, holder: S3Store) -> bool:
         and loaded[0].lease.holder == holder.leases.instance
 
 
+async def held_body(first: bytes, until: asyncio.Event, then: bytes = b"") -> AsyncIterator[bytes]:
+    """A client that sends ``first``, then waits for ``until`` (its request
+    being stopped, or the test letting it go on), then sends ``then``."""
+    yield first
+    await until.wait()
+    if then:
+        yield then
+
+
+def writing_request(store: S3Store, info: Any, body: AsyncIterator[bytes],
+                    stop: Callable[[], None]) -> asyncio.Task[Any]:
+    """A request of ``store``'s instance writing ``body``, as the engine runs one."""
+    async def request() -> Any:
+        async with store.writing(info.name, stop):
+            return await store.write(info, body)
+    return asyncio.create_task(request())
+
+
 async def test_a_writer_asked_by_another_instance_saves_what_arrived_and_lets_go(
         open_s3, s3_client, bucket) -> None:  # noqa: F811
     a, b = await open_s3(lease_ttl=2), await open_s3(lease_ttl=2)
@@ -60,15 +78,9 @@ async def test_a_writer_asked_by_another_instance_saves_what_arrived_and_lets_go
     info = await create(a, "asked.bin", len(data))
     asked = asyncio.Event()
 
-    async def body() -> AsyncIterator[bytes]:
-        yield data[: P + MIB]  # part 1 fills: A takes the lease to upload it
-        await asked.wait()  # A's client goes on sending, slowly; the stop ends it
-
-    async def a_request() -> Any:
-        async with a.writing("asked.bin", asked.set):
-            return await a.write(info, body())
-
-    a_task = asyncio.create_task(a_request())
+    # Part 1 fills (A takes the lease to upload it); A's client goes on
+    # sending, slowly, until the stop ends its body.
+    a_task = writing_request(a, info, held_body(data[: P + MIB], asked), asked.set)
     await until(lambda: held_by(b, "asked.bin", a), "A holds the lease")
     async with b.writing("asked.bin", lambda: None):
         # B got in because A let go: A was asked, and saved all it had.
@@ -92,18 +104,10 @@ async def test_a_writer_whose_lease_ran_out_is_fenced_off(open_s3, s3_client, bu
     info = await create(a, "fenced.bin", len(data))
     resume = asyncio.Event()
 
-    async def frozen_body() -> AsyncIterator[bytes]:
-        yield data[: P + MIB]
-        # A stops here, as a frozen process would: it neither answers the
-        # request to let go nor renews (no data flows).
-        await resume.wait()
-        yield data[P + MIB : 2 * P + MIB]  # enough for part 2
-
-    async def a_request() -> Any:
-        async with a.writing("fenced.bin", lambda: None):
-            return await a.write(info, frozen_body())
-
-    a_task = asyncio.create_task(a_request())
+    # A stops after part 1, as a frozen process would: it neither answers
+    # the request to let go nor renews (no data flows); then part 2's bytes.
+    body = held_body(data[: P + MIB], resume, then=data[P + MIB : 2 * P + MIB])
+    a_task = writing_request(a, info, body, lambda: None)
     await until(lambda: held_by(b, "fenced.bin", a), "A holds the lease")
     await until(lambda: a_parts.reached(1), "part 1 uploaded")
     async with b.writing("fenced.bin", lambda: None):  # waits for A's lease to expire
@@ -126,15 +130,8 @@ async def test_a_writer_that_does_not_let_go_in_time_is_refused_as_busy(open_s3)
     info = await create(a, "busy.bin", len(data))
     release = asyncio.Event()
 
-    async def body() -> AsyncIterator[bytes]:
-        yield data[: P + MIB]
-        await release.wait()
-
-    async def a_request() -> Any:
-        async with a.writing("busy.bin", lambda: None):  # a holder that never answers
-            return await a.write(info, body())
-
-    a_task = asyncio.create_task(a_request())
+    # A holder that never answers.
+    a_task = writing_request(a, info, held_body(data[: P + MIB], release), lambda: None)
     await until(lambda: held_by(b, "busy.bin", a), "A holds the lease")
     with pytest.raises(WriterBusy) as caught:
         async with b.writing("busy.bin", lambda: None):
@@ -154,15 +151,7 @@ async def test_a_stalled_request_short_of_a_part_is_asked_too(
     info = await create(a, "stalled.bin", len(data))
     asked = asyncio.Event()
 
-    async def body() -> AsyncIterator[bytes]:
-        yield data[:MIB]
-        await asked.wait()
-
-    async def a_request() -> Any:
-        async with a.writing("stalled.bin", asked.set):
-            return await a.write(info, body())
-
-    a_task = asyncio.create_task(a_request())
+    a_task = writing_request(a, info, held_body(data[:MIB], asked), asked.set)
     await until(lambda: held_by(b, "stalled.bin", a), "A takes the lease of its slow write")
     async with b.writing("stalled.bin", lambda: None):
         assert asked.is_set()
