@@ -300,12 +300,11 @@ class Records:
             "Body": record.to_json(),
             "ContentType": "application/json",
         }
-        if not self._conditional:
-            pass
-        elif if_match is None:
-            params["IfNoneMatch"] = "*"
-        else:
-            params["IfMatch"] = if_match
+        if self._conditional:
+            if if_match is None:
+                params["IfNoneMatch"] = "*"
+            else:
+                params["IfMatch"] = if_match
         try:
             result = await self._client.call(
                 "PutObject", CONFLICT_CODES | MISSING_KEY_CODES, **params

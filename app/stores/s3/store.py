@@ -152,11 +152,9 @@ class S3Store:
         try:
             if config.s3.create_bucket:
                 await client.ensure_bucket(config.s3.region)
-            if not check_writes:
-                pass
-            elif config.s3.conditional_writes:
+            if check_writes and config.s3.conditional_writes:
                 await check_conditional_writes(client, Layout(config.s3.prefix))
-            else:
+            elif check_writes:
                 log.warning("storage.s3.conditional_writes is off: run a single instance, or "
                             "promise sticky sessions; several instances writing one upload "
                             "can then corrupt it (docs/scaling.md)")
